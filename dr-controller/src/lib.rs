@@ -1,0 +1,1 @@
+//! Placeholder: the DR controller is not implemented yet (see issue "DR controller").

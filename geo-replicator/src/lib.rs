@@ -1,0 +1,1 @@
+//! Placeholder: geo-replication is not implemented yet (see issue "geo-replication").

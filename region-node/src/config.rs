@@ -1,0 +1,158 @@
+//! The node's TOML configuration: one file per node, unknown keys rejected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::NodeError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id; must appear in `members`.
+    pub node_id: u64,
+    /// Directory for this node's RocksDB instance (created if missing).
+    pub data_dir: PathBuf,
+    /// Address the gRPC server (client API and node-to-node transport) listens on.
+    pub grpc_listen: SocketAddr,
+    /// Number of data groups. Fixed for the life of the region: queues are placed by a hash
+    /// of their name over this count. The metadata group (0) comes in addition.
+    #[serde(default = "default_data_groups")]
+    pub data_groups: u32,
+    /// Hex-encoded secret (≥ 16 bytes) shared by every node of the region; it keys the MAC
+    /// that makes receipt handles unforgeable. Changing it invalidates outstanding handles.
+    pub cluster_secret: String,
+    /// When true and this node's data is empty, it initialises every group with `members`
+    /// as voters. Set it on exactly one node of a new region.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// Every voting member of the region, this node included.
+    pub members: Vec<MemberConfig>,
+    /// Raft timing and log compaction.
+    #[serde(default)]
+    pub raft: RaftConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// The member's node id.
+    pub id: u64,
+    /// The member's gRPC address (`host:port`), reachable from every other member.
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval, milliseconds.
+    pub heartbeat_ms: u64,
+    /// A follower starts an election after a random timeout in [min, max] ms without a leader.
+    pub election_timeout_min_ms: u64,
+    /// Upper end of the election timeout range, milliseconds.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one; older logs are purged.
+    pub snapshot_after_entries: u64,
+    /// Most entries in one AppendEntries message.
+    pub max_payload_entries: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 800,
+            election_timeout_max_ms: 1600,
+            snapshot_after_entries: 20_000,
+            max_payload_entries: 512,
+        }
+    }
+}
+
+fn default_data_groups() -> u32 {
+    3
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, NodeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("read {}: {e}", path.display())))?;
+        let cfg: Self = toml::from_str(&text)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let bad = |m: String| Err(NodeError::Config(m));
+        if !self.members.iter().any(|m| m.id == self.node_id) {
+            return bad(format!("node_id {} is not among members", self.node_id));
+        }
+        let mut ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.members.len() {
+            return bad("member ids must be unique".into());
+        }
+        if ids.contains(&0) {
+            return bad("member id 0 is reserved".into());
+        }
+        if self.data_groups == 0 || self.data_groups > 256 {
+            return bad(format!("data_groups = {} must be 1-256", self.data_groups));
+        }
+        match hex::decode(&self.cluster_secret) {
+            Ok(k) if k.len() >= 16 => {}
+            _ => return bad("cluster_secret must be at least 16 bytes, hex-encoded".into()),
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return bad("raft.election_timeout_min_ms must exceed twice heartbeat_ms".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad("raft.election_timeout_max_ms must exceed election_timeout_min_ms".into());
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NodeConfig {
+        NodeConfig {
+            node_id: 1,
+            data_dir: "/tmp/x".into(),
+            grpc_listen: "127.0.0.1:7000".parse().unwrap(),
+            data_groups: 3,
+            cluster_secret: "00".repeat(16),
+            bootstrap: true,
+            members: vec![MemberConfig { id: 1, addr: "127.0.0.1:7000".into() }],
+            raft: RaftConfig::default(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_rejects_unknown_keys() {
+        let c = sample();
+        let text = c.to_toml();
+        assert_eq!(toml::from_str::<NodeConfig>(&text).unwrap(), c);
+        assert!(toml::from_str::<NodeConfig>(&format!("{text}\nbogus = 1\n")).is_err());
+    }
+
+    #[test]
+    fn validation() {
+        assert!(sample().validate().is_ok());
+        let mut c = sample();
+        c.node_id = 9;
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.cluster_secret = "abc".into();
+        assert!(c.validate().is_err());
+    }
+}

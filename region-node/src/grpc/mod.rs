@@ -1,0 +1,9 @@
+//! gRPC front ends: the client API (queues, cluster status) and the node-to-node transport.
+
+mod cluster_api;
+mod queue_api;
+mod raft_service;
+
+pub use cluster_api::ClusterApi;
+pub use queue_api::QueueApi;
+pub use raft_service::RaftTransportService;

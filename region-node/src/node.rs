@@ -1,0 +1,461 @@
+//! A region node: its Raft groups, and the execution of client requests on the leader of the
+//! group that owns them (locally, or forwarded to the leader's node).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_api::limits::QueueAttributes;
+use meridian_api::raftpb::raft_transport_client::RaftTransportClient;
+use meridian_api::raftpb::GroupMessage;
+use meridian_api::{CmqError, CmqResult};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::clock::{Clock, SystemClock};
+use crate::command::{Command, Op, OpResult, QueueKey};
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::placement::{group_of, META_GROUP};
+use crate::raft::network::{decode, encode, NetworkFactory, Peers};
+use crate::raft::state_machine::{SharedState, StateMachineStore};
+use crate::raft::{NodeId, Raft};
+use crate::receipt::ReceiptSigner;
+use crate::storage::{Engine, LogStore};
+
+/// How long a request waits for its group to have a reachable leader.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+pub struct Group {
+    pub id: u32,
+    pub raft: Raft,
+    pub shared: Arc<SharedState>,
+}
+
+/// A request executed by the leader of one group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupRequest {
+    Write(Op),
+    /// Receive with long poll: retried on the leader as messages arrive, until `wait_ms`
+    /// (`None`: the queue's pollingWaitSeconds).
+    Receive { key: QueueKey, max: u32, wait_ms: Option<u64> },
+    GetQueue { key: QueueKey },
+    ListQueues { tenant: String, search: String },
+    DeadLetterSources { dlq: QueueKey },
+}
+
+impl GroupRequest {
+    /// The longest this request may legitimately take on the leader.
+    fn max_wait(&self) -> Duration {
+        match self {
+            GroupRequest::Receive { wait_ms, .. } => Duration::from_millis(wait_ms.unwrap_or(
+                u64::from(meridian_api::limits::MAX_POLLING_WAIT_SECONDS) * 1000,
+            )),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupReply {
+    Op(OpResult),
+    Queue(QueueView),
+    /// `(name, queue_id)` pairs.
+    Queues(Vec<(String, String)>),
+}
+
+/// A queue's attributes and counters as GetQueueAttributes reports them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueView {
+    pub queue_id: String,
+    pub name: String,
+    pub group: u32,
+    pub attrs: QueueAttributes,
+    pub created_ms: i64,
+    pub modified_ms: i64,
+    pub active: u64,
+    pub inactive: u64,
+    pub delayed: u64,
+    pub rewindable: u64,
+    pub min_msg_ms: i64,
+}
+
+/// Why a leader did not execute a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum ForwardError {
+    /// This node is not (or no longer) the leader, and nothing was proposed: safe to retry.
+    NotLeader,
+    Cmq(CmqError),
+}
+
+pub struct RegionNode {
+    pub id: NodeId,
+    pub config: NodeConfig,
+    pub engine: Arc<Engine>,
+    groups: Vec<Group>,
+    pub peers: Arc<Peers>,
+    pub receipts: ReceiptSigner,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl RegionNode {
+    /// Opens storage and starts every group's Raft; does not serve the network yet.
+    pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            NodeError::Storage(format!("create {}: {e}", config.data_dir.display()))
+        })?;
+        let engine = Arc::new(Engine::open(&config.data_dir.join("db"))?);
+        let peers = Arc::new(Peers::default());
+        let r = &config.raft;
+        let raft_config = Arc::new(
+            openraft::Config {
+                cluster_name: "meridian".into(),
+                heartbeat_interval: r.heartbeat_ms,
+                election_timeout_min: r.election_timeout_min_ms,
+                election_timeout_max: r.election_timeout_max_ms,
+                max_payload_entries: r.max_payload_entries,
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+                ..Default::default()
+            }
+            .validate()
+            .map_err(|e| NodeError::Config(format!("raft: {e}")))?,
+        );
+        let mut groups = Vec::new();
+        for id in 0..=config.data_groups {
+            let log = LogStore::new(id, engine.clone());
+            let sm = StateMachineStore::open(id, config.data_groups, engine.clone())
+                .map_err(|e| NodeError::Storage(e.to_string()))?;
+            let shared = sm.shared.clone();
+            let net = NetworkFactory { group: id, peers: peers.clone() };
+            let raft = Raft::new(config.node_id, raft_config.clone(), net, log, sm)
+                .await
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            groups.push(Group { id, raft, shared });
+        }
+        let secret = hex::decode(&config.cluster_secret).expect("validated");
+        Ok(Arc::new(Self {
+            id: config.node_id,
+            receipts: ReceiptSigner::new(&secret),
+            config,
+            engine,
+            groups,
+            peers,
+            clock: Arc::new(SystemClock),
+        }))
+    }
+
+    /// Initialises every group on a fresh bootstrap node; a no-op once initialised.
+    pub async fn bootstrap_if_configured(&self) -> Result<(), NodeError> {
+        if !self.config.bootstrap {
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, BasicNode> = self
+            .config
+            .members
+            .iter()
+            .map(|m| (m.id, BasicNode { addr: m.addr.clone() }))
+            .collect();
+        for g in &self.groups {
+            if g.raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))? {
+                continue;
+            }
+            if let Err(e) = g.raft.initialize(members.clone()).await {
+                tracing::warn!(group = g.id, "initialise: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    pub fn data_groups(&self) -> u32 {
+        self.config.data_groups
+    }
+
+    pub fn group_of(&self, key: &QueueKey) -> u32 {
+        group_of(key, self.config.data_groups)
+    }
+
+    fn group(&self, id: u32) -> CmqResult<&Group> {
+        self.groups
+            .get(id as usize)
+            .ok_or_else(|| CmqError::internal(format!("no group {id} in this region")))
+    }
+
+    fn member_addr(&self, id: NodeId) -> Option<&str> {
+        self.config.members.iter().find(|m| m.id == id).map(|m| m.addr.as_str())
+    }
+
+    /// The member this node would like to lead `group`, so leaders spread over nodes.
+    pub fn preferred_leader(&self, group: u32) -> NodeId {
+        let mut ids: Vec<NodeId> = self.config.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids[group as usize % ids.len()]
+    }
+
+    /// Runs `req` on the leader of `group`, wherever it is.
+    pub async fn execute(&self, group: u32, req: GroupRequest) -> CmqResult<GroupReply> {
+        let deadline = Instant::now() + LEADER_WAIT + req.max_wait();
+        let g = self.group(group)?;
+        loop {
+            let leader = g.raft.metrics().borrow().current_leader;
+            let outcome = match leader {
+                Some(l) if l == self.id => self.execute_local(g, &req).await,
+                Some(l) => self.forward(l, group, &req).await,
+                None => Err(ForwardError::NotLeader),
+            };
+            match outcome {
+                Ok(r) => return Ok(r),
+                Err(ForwardError::Cmq(e)) => return Err(e),
+                Err(ForwardError::NotLeader) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(ForwardError::NotLeader) => {
+                    return Err(CmqError::internal(format!(
+                        "group {group} has no reachable leader; try again"
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        group: u32,
+        req: &GroupRequest,
+    ) -> Result<GroupReply, ForwardError> {
+        let Some(addr) = self.member_addr(leader) else {
+            return Err(ForwardError::NotLeader);
+        };
+        let ch = self
+            .peers
+            .channel(leader, addr)
+            .map_err(|e| ForwardError::Cmq(CmqError::internal(e.to_string())))?;
+        let mut client = RaftTransportClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut request = tonic::Request::new(GroupMessage { group, payload: encode(req) });
+        request.set_timeout(Duration::from_secs(10) + req.max_wait());
+        match client.forward(request).await {
+            Ok(reply) => decode::<Result<GroupReply, ForwardError>>(&reply.into_inner().payload)
+                .map_err(|e| ForwardError::Cmq(CmqError::internal(e)))?,
+            // A write may or may not have been applied: only the client can decide to retry.
+            Err(s) if matches!(req, GroupRequest::Write(_)) => {
+                Err(ForwardError::Cmq(CmqError::internal(format!(
+                    "leader node {leader} did not answer ({}); the outcome is unknown",
+                    s.message()
+                ))))
+            }
+            Err(_) => Err(ForwardError::NotLeader),
+        }
+    }
+
+    /// Executes a request forwarded by another node; the reply is an encoded result.
+    pub async fn handle_forward(&self, group: u32, payload: &[u8]) -> Vec<u8> {
+        let result: Result<GroupReply, ForwardError> = match decode::<GroupRequest>(payload) {
+            Ok(req) => match self.group(group) {
+                Ok(g) => self.execute_local(g, &req).await,
+                Err(e) => Err(ForwardError::Cmq(e)),
+            },
+            Err(e) => Err(ForwardError::Cmq(CmqError::internal(e))),
+        };
+        encode(&result)
+    }
+
+    async fn execute_local(&self, g: &Group, req: &GroupRequest) -> Result<GroupReply, ForwardError> {
+        match req {
+            GroupRequest::Write(op) => self.propose(g, op.clone()).await.map(GroupReply::Op),
+            GroupRequest::Receive { key, max, wait_ms } => {
+                let wait_ms = match wait_ms {
+                    Some(w) => *w,
+                    None => {
+                        let state = g.shared.state.read().expect("state lock");
+                        let q = state.queue(key).map_err(ForwardError::Cmq)?;
+                        u64::from(q.attrs.polling_wait_seconds) * 1000
+                    }
+                };
+                self.receive_local(g, key, *max, wait_ms).await.map(GroupReply::Op)
+            }
+            read => {
+                self.linearize(g).await?;
+                let state = g.shared.state.read().expect("state lock");
+                let now = self.clock.now_ms();
+                Ok(match read {
+                    GroupRequest::GetQueue { key } => {
+                        let q = state.queue(key).map_err(ForwardError::Cmq)?;
+                        let c = q.counters(now);
+                        GroupReply::Queue(QueueView {
+                            queue_id: q.queue_id.clone(),
+                            name: q.name.clone(),
+                            group: g.id,
+                            attrs: q.attrs.clone(),
+                            created_ms: q.created_ms,
+                            modified_ms: q.modified_ms,
+                            active: c.active,
+                            inactive: c.inactive,
+                            delayed: c.delayed,
+                            rewindable: c.rewindable,
+                            min_msg_ms: c.min_msg_ms,
+                        })
+                    }
+                    GroupRequest::ListQueues { tenant, search } => {
+                        let search = search.to_ascii_lowercase();
+                        GroupReply::Queues(
+                            state
+                                .queues
+                                .iter()
+                                .filter(|(k, _)| &k.tenant == tenant && k.name.contains(&search))
+                                .map(|(_, q)| (q.name.clone(), q.queue_id.clone()))
+                                .collect(),
+                        )
+                    }
+                    GroupRequest::DeadLetterSources { dlq } => GroupReply::Queues(
+                        state
+                            .dead_letter_sources(dlq)
+                            .map(|q| (q.name.clone(), q.queue_id.clone()))
+                            .collect(),
+                    ),
+                    GroupRequest::Write(_) | GroupRequest::Receive { .. } => unreachable!(),
+                })
+            }
+        }
+    }
+
+    async fn linearize(&self, g: &Group) -> Result<(), ForwardError> {
+        g.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| match e {
+            RaftError::APIError(_) => ForwardError::NotLeader,
+            RaftError::Fatal(f) => ForwardError::Cmq(CmqError::internal(f.to_string())),
+        })
+    }
+
+    /// Proposes `op` stamped with this leader's clock and waits until it is applied.
+    async fn propose(&self, g: &Group, op: Op) -> Result<OpResult, ForwardError> {
+        let cmd = Command { now_ms: self.clock.now_ms(), op };
+        match g.raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                OpResult::Failed(e) => Err(ForwardError::Cmq(e)),
+                ok => Ok(ok),
+            },
+            // Not proposed, or truncated before commit: never applied.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ForwardError::NotLeader)
+            }
+            Err(e) => Err(ForwardError::Cmq(CmqError::internal(format!(
+                "group {}: {e}; the outcome is unknown",
+                g.id
+            )))),
+        }
+    }
+
+    async fn receive_local(
+        &self,
+        g: &Group,
+        key: &QueueKey,
+        max: u32,
+        wait_ms: u64,
+    ) -> Result<OpResult, ForwardError> {
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        let notify = g.shared.notifier.watch(key);
+        loop {
+            // Registered before proposing, so a send applied in between still wakes us.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let res = self.propose(g, Op::Receive { key: key.clone(), max }).await?;
+            let OpResult::Received { messages, next_visible_ms } = &res else {
+                return Ok(res);
+            };
+            let now = Instant::now();
+            if !messages.is_empty() || now >= deadline {
+                return Ok(res);
+            }
+            let mut wake_at = deadline;
+            if let Some(t) = next_visible_ms {
+                let in_ms = (t - self.clock.now_ms()).max(0) as u64;
+                wake_at = wake_at.min(now + Duration::from_millis(in_ms));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+            if g.raft.metrics().borrow().state != ServerState::Leader {
+                return Err(ForwardError::NotLeader);
+            }
+        }
+    }
+
+    /// Background duties of a group leader: housekeeping ticks, cross-group dead-letter moves
+    /// and spreading leadership over the members.
+    pub fn spawn_background(self: &Arc<Self>) {
+        for g in 0..self.groups.len() as u32 {
+            let node = self.clone();
+            tokio::spawn(async move { node.leader_duties(g).await });
+        }
+    }
+
+    async fn leader_duties(self: Arc<Self>, group: u32) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut balanced = false;
+        loop {
+            tick.tick().await;
+            let g = &self.groups[group as usize];
+            let (leader, state) = {
+                let m = g.raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.state)
+            };
+            if !balanced {
+                if let Some(l) = leader {
+                    balanced = true;
+                    if l != self.id && self.preferred_leader(group) == self.id {
+                        tracing::info!(group, "taking over leadership from node {l} to spread leaders");
+                        let _ = g.raft.trigger().elect().await;
+                    }
+                }
+            }
+            if state != ServerState::Leader || group == META_GROUP {
+                continue;
+            }
+            let has_queues = !g.shared.state.read().expect("state lock").queues.is_empty();
+            if has_queues {
+                if let Err(e) = self.propose(g, Op::Tick).await {
+                    tracing::debug!(group, "tick: {e:?}");
+                }
+            }
+            self.drain_outbox(g).await;
+        }
+    }
+
+    async fn drain_outbox(&self, g: &Group) {
+        let pending: Vec<(u64, crate::queue::OutboxEntry)> = {
+            let s = g.shared.state.read().expect("state lock");
+            s.outbox.iter().take(256).map(|(&id, e)| (id, e.clone())).collect()
+        };
+        let mut done = None;
+        for (id, e) in pending {
+            let op = Op::Transfer { source_group: g.id, transfer_id: id, key: e.key, body: e.body };
+            match self.execute(e.target_group, GroupRequest::Write(op)).await {
+                Ok(_) => done = Some(id),
+                Err(err) => {
+                    tracing::warn!(group = g.id, "dead-letter transfer {id}: {err}");
+                    break;
+                }
+            }
+        }
+        if let Some(upto) = done {
+            let _ = self.propose(g, Op::AckTransfers { upto }).await;
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        for g in &self.groups {
+            let _ = g.raft.shutdown().await;
+        }
+    }
+}

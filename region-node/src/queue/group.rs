@@ -1,0 +1,317 @@
+//! All queues of one Raft group and the deterministic `apply` of a command to them.
+
+use std::collections::BTreeMap;
+
+use meridian_api::limits::{DeadLetterTrigger, QueueAttributes};
+use meridian_api::{CmqCode, CmqError};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, Delivered, Op, OpResult, QueueKey, Receipt};
+use crate::placement::group_of;
+use crate::queue::queue::Queue;
+
+/// How long a deleted queue's name stays reserved (CMQ error 6040).
+const NAME_REUSE_DELAY_MS: i64 = 10_000;
+
+/// A dead-lettered message waiting to be moved into a queue of another group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub target_group: u32,
+    pub key: QueueKey,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    pub group: u32,
+    pub data_groups: u32,
+    /// Next message sequence number; message ids are `<group>-<seq>`.
+    pub next_seq: u64,
+    pub next_queue_num: u64,
+    pub queues: BTreeMap<QueueKey, Queue>,
+    /// Recently deleted names and when, to refuse re-creation for 10 s.
+    pub deleted_names: BTreeMap<QueueKey, i64>,
+    pub outbox: BTreeMap<u64, OutboxEntry>,
+    pub next_transfer_id: u64,
+    /// Highest transfer id applied from each source group (makes `Transfer` idempotent).
+    pub transfers_applied: BTreeMap<u32, u64>,
+    /// The latest command time applied. Commands are applied at no earlier time than this, so
+    /// a leader whose clock steps back cannot make messages visible early or unexpire them.
+    pub clock_ms: i64,
+}
+
+impl GroupState {
+    pub fn new(group: u32, data_groups: u32) -> Self {
+        Self {
+            group,
+            data_groups,
+            next_seq: 1,
+            next_queue_num: 1,
+            queues: BTreeMap::new(),
+            deleted_names: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            next_transfer_id: 1,
+            transfers_applied: BTreeMap::new(),
+            clock_ms: 0,
+        }
+    }
+
+    pub fn msg_id(&self, seq: u64) -> String {
+        format!("{}-{}", self.group, seq)
+    }
+
+    pub fn queue(&self, key: &QueueKey) -> Result<&Queue, CmqError> {
+        self.queues.get(key).ok_or_else(|| CmqError::queue_not_found(&key.name))
+    }
+
+    fn queue_mut(&mut self, key: &QueueKey) -> Result<&mut Queue, CmqError> {
+        self.queues.get_mut(key).ok_or_else(|| CmqError::queue_not_found(&key.name))
+    }
+
+    pub fn apply(&mut self, cmd: &Command) -> OpResult {
+        let now = cmd.now_ms.max(self.clock_ms);
+        self.clock_ms = now;
+        let r = match &cmd.op {
+            Op::CreateQueue { tenant, name, attrs } => self.create(tenant, name, attrs, now),
+            Op::SetQueueAttributes { key, patch } => self.queue_mut(key).and_then(|q| {
+                q.attrs = patch.apply_to(&q.attrs)?;
+                q.modified_ms = now;
+                Ok(OpResult::Done)
+            }),
+            Op::DeleteQueue { key } => match self.queues.remove(key) {
+                Some(_) => {
+                    self.deleted_names.insert(key.clone(), now);
+                    Ok(OpResult::Done)
+                }
+                None => Err(CmqError::queue_not_found(&key.name)),
+            },
+            Op::RewindQueue { key, start_ms } => self.rewind(key, *start_ms, now),
+            Op::Send { key, bodies, delay_seconds } => self.send(key, bodies, *delay_seconds, now),
+            Op::Receive { key, max } => self.receive(key, *max, now),
+            Op::Delete { key, receipts } => self.delete(key, receipts, now),
+            Op::Transfer { source_group, transfer_id, key, body } => {
+                let seen = self.transfers_applied.get(source_group).copied().unwrap_or(0);
+                if *transfer_id > seen {
+                    self.transfers_applied.insert(*source_group, *transfer_id);
+                    // A dead-letter queue deleted meanwhile drops the message, as CMQ does.
+                    if self.queues.contains_key(key) {
+                        self.enqueue(key, body.clone(), now, 0);
+                    }
+                }
+                Ok(OpResult::Done)
+            }
+            Op::AckTransfers { upto } => {
+                self.outbox.retain(|&id, _| id > *upto);
+                Ok(OpResult::Done)
+            }
+            Op::Tick => {
+                let keys: Vec<QueueKey> = self.queues.keys().cloned().collect();
+                for key in keys {
+                    self.housekeep(&key, now);
+                }
+                self.deleted_names.retain(|_, &mut at| at + NAME_REUSE_DELAY_MS > now);
+                Ok(OpResult::Done)
+            }
+        };
+        r.unwrap_or_else(OpResult::Failed)
+    }
+
+    fn create(
+        &mut self,
+        tenant: &str,
+        name: &str,
+        attrs: &QueueAttributes,
+        now: i64,
+    ) -> Result<OpResult, CmqError> {
+        let key = QueueKey::new(tenant, name);
+        if self.queues.contains_key(&key) {
+            return Err(CmqError::new(
+                CmqCode::AlreadyExists,
+                10570,
+                format!("queue {name:?} already exists (names are case-insensitive)"),
+            ));
+        }
+        if let Some(&at) = self.deleted_names.get(&key) {
+            if at + NAME_REUSE_DELAY_MS > now {
+                return Err(CmqError::new(
+                    CmqCode::RecreatedTooSoon,
+                    10660,
+                    format!("queue {name:?} was deleted less than 10 s ago"),
+                ));
+            }
+        }
+        let queue_id = format!("queue-{}-{}", self.group, self.next_queue_num);
+        self.next_queue_num += 1;
+        self.queues.insert(key, Queue::new(queue_id.clone(), name.to_string(), attrs.clone(), now));
+        Ok(OpResult::Created { queue_id })
+    }
+
+    fn rewind(&mut self, key: &QueueKey, start_ms: i64, now: i64) -> Result<OpResult, CmqError> {
+        let q = self.queue_mut(key)?;
+        if q.attrs.rewind_seconds == 0 {
+            return Err(CmqError::new(
+                CmqCode::RewindDisabled,
+                10670,
+                "queue cannot be rewound: rewindSeconds is 0",
+            ));
+        }
+        let earliest = now - i64::from(q.attrs.rewind_seconds) * 1000;
+        if start_ms > now || start_ms < earliest - 999 {
+            return Err(CmqError::invalid(
+                10680,
+                format!(
+                    "startConsumeTime must be within the rewind window ({} to {})",
+                    earliest / 1000,
+                    now / 1000
+                ),
+            ));
+        }
+        q.expire(now);
+        q.rewind(start_ms, now);
+        Ok(OpResult::Done)
+    }
+
+    fn enqueue(&mut self, key: &QueueKey, body: Vec<u8>, now: i64, delay: u32) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let q = self.queues.get_mut(key).expect("caller checked the queue exists");
+        q.insert(seq, body, now, delay);
+        seq
+    }
+
+    fn send(
+        &mut self,
+        key: &QueueKey,
+        bodies: &[Vec<u8>],
+        delay: u32,
+        now: i64,
+    ) -> Result<OpResult, CmqError> {
+        let q = self.queue_mut(key)?;
+        q.expire(now);
+        if q.live_count() + bodies.len() as u64 > q.attrs.max_msg_heap_num {
+            return Err(CmqError::new(
+                CmqCode::HeapFull,
+                10240,
+                format!("queue holds maxMsgHeapNum={} messages", q.attrs.max_msg_heap_num),
+            ));
+        }
+        // Limits were checked by the front end; re-checked here against the queue's size limit
+        // because it may have changed between check and commit.
+        for b in bodies {
+            meridian_api::limits::validate_body(b, q.attrs.max_msg_size)?;
+        }
+        let mut msg_ids = Vec::with_capacity(bodies.len());
+        for b in bodies {
+            let seq = self.enqueue(key, b.clone(), now, delay);
+            msg_ids.push(self.msg_id(seq));
+        }
+        Ok(OpResult::Sent { msg_ids })
+    }
+
+    /// Expiry plus dead-lettering of messages that are due, ahead of a receive or on a tick.
+    fn housekeep(&mut self, key: &QueueKey, now: i64) {
+        let Some(q) = self.queues.get_mut(key) else { return };
+        q.expire(now);
+        let Some(policy) = q.attrs.dead_letter_policy.clone() else { return };
+        let due: Vec<u64> = match policy.policy {
+            DeadLetterTrigger::MaxReceiveCount(n) => q
+                .ready
+                .range(..=(now, u64::MAX))
+                .filter(|(_, seq)| q.messages[seq].dequeue_count >= n)
+                .map(|&(_, seq)| seq)
+                .collect(),
+            DeadLetterTrigger::MaxTimeToLive(ttl) => {
+                let limit = now - i64::from(ttl) * 1000;
+                q.messages
+                    .iter()
+                    .filter(|(_, m)| m.deleted_ms.is_none() && m.enqueue_ms <= limit)
+                    .map(|(&s, _)| s)
+                    .collect()
+            }
+        };
+        if due.is_empty() {
+            return;
+        }
+        let dlq = QueueKey::new(&key.tenant, &policy.dead_letter_queue);
+        let mut moved = Vec::with_capacity(due.len());
+        for seq in due {
+            if let Some(m) = q.remove(seq) {
+                moved.push(m.body);
+            }
+        }
+        let target_group = group_of(&dlq, self.data_groups);
+        for body in moved {
+            if target_group == self.group {
+                if self.queues.contains_key(&dlq) {
+                    self.enqueue(&dlq, body, now, 0);
+                }
+            } else {
+                let id = self.next_transfer_id;
+                self.next_transfer_id += 1;
+                self.outbox.insert(id, OutboxEntry { target_group, key: dlq.clone(), body });
+            }
+        }
+    }
+
+    fn receive(&mut self, key: &QueueKey, max: u32, now: i64) -> Result<OpResult, CmqError> {
+        self.queue(key)?;
+        self.housekeep(key, now);
+        let group = self.group;
+        let q = self.queues.get_mut(key).expect("checked above");
+        let visible_until = now + i64::from(q.attrs.visibility_timeout) * 1000;
+        let seqs: Vec<u64> =
+            q.ready.range(..=(now, u64::MAX)).take(max as usize).map(|&(_, s)| s).collect();
+        let mut messages = Vec::with_capacity(seqs.len());
+        let queue_id = q.queue_id.clone();
+        for seq in seqs {
+            let m = q.take(seq, now, visible_until);
+            messages.push(Delivered {
+                queue_id: queue_id.clone(),
+                seq,
+                msg_id: format!("{group}-{seq}"),
+                body: m.body.clone(),
+                enqueue_ms: m.enqueue_ms,
+                first_dequeue_ms: m.first_dequeue_ms,
+                next_visible_ms: m.visible_ms,
+                dequeue_count: m.dequeue_count,
+            });
+        }
+        let next_visible_ms = q.next_visible_after(now);
+        Ok(OpResult::Received { messages, next_visible_ms })
+    }
+
+    fn delete(
+        &mut self,
+        key: &QueueKey,
+        receipts: &[Receipt],
+        now: i64,
+    ) -> Result<OpResult, CmqError> {
+        let q = self.queue_mut(key)?;
+        let outcomes = receipts
+            .iter()
+            .map(|r| {
+                let valid = q.messages.get(&r.seq).is_some_and(|m| {
+                    m.deleted_ms.is_none() && m.dequeue_count == r.generation && m.visible_ms > now
+                });
+                if valid {
+                    q.mark_deleted(r.seq, now);
+                    None
+                } else {
+                    Some(CmqError::invalid_handle(
+                        "invalid receiptHandle: expired, superseded by a later receive, or already deleted",
+                    ))
+                }
+            })
+            .collect();
+        Ok(OpResult::Deleted { outcomes })
+    }
+
+    /// Queues of this group whose dead-letter policy points at `dlq`.
+    pub fn dead_letter_sources<'a>(&'a self, dlq: &'a QueueKey) -> impl Iterator<Item = &'a Queue> {
+        self.queues.iter().filter_map(move |(k, q)| {
+            let p = q.attrs.dead_letter_policy.as_ref()?;
+            (k.tenant == dlq.tenant && p.dead_letter_queue.eq_ignore_ascii_case(&dlq.name))
+                .then_some(q)
+        })
+    }
+}

@@ -1,0 +1,209 @@
+//! The state machine of one group: the in-memory [`GroupState`] plus its snapshot in RocksDB.
+//!
+//! Applying never reads the clock: each command carries the leader's time. The state lives in
+//! memory; on restart it is rebuilt from the last snapshot plus the committed log, which is why
+//! logs are only purged after a snapshot that covers them is stored.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex, RwLock};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::{NodeId, TypeConfig};
+use crate::command::{Op, OpResult, QueueKey};
+use crate::queue::GroupState;
+use crate::storage::{group_key, Engine, CF_SNAPSHOT};
+
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+type StResult<T> = Result<T, StorageError<NodeId>>;
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+/// Wakes long polls waiting on a queue when something may have become receivable.
+#[derive(Default)]
+pub struct QueueNotifier {
+    waiters: Mutex<HashMap<QueueKey, Arc<Notify>>>,
+}
+
+impl QueueNotifier {
+    pub fn watch(&self, key: &QueueKey) -> Arc<Notify> {
+        self.waiters.lock().expect("notifier lock").entry(key.clone()).or_default().clone()
+    }
+
+    fn wake(&self, key: &QueueKey) {
+        if let Some(n) = self.waiters.lock().expect("notifier lock").get(key) {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// What the API layer reads: the group's state and how far it has applied.
+pub struct SharedState {
+    pub state: RwLock<GroupState>,
+    pub applied: RwLock<(Option<LogId<NodeId>>, Membership)>,
+    pub notifier: QueueNotifier,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    state: GroupState,
+}
+
+#[derive(Clone)]
+pub struct StateMachineStore {
+    group: u32,
+    engine: Arc<Engine>,
+    pub shared: Arc<SharedState>,
+}
+
+fn sm_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(e).into()
+}
+
+impl StateMachineStore {
+    /// Opens the group's state machine, restoring the stored snapshot if there is one.
+    pub fn open(group: u32, data_groups: u32, engine: Arc<Engine>) -> StResult<Self> {
+        let mut state = GroupState::new(group, data_groups);
+        let mut applied = (None, Membership::default());
+        if let Some(stored) = Self::load_snapshot(group, &engine)? {
+            let body: SnapshotBody = bincode::deserialize(&stored.data).map_err(|e| sm_err(&e))?;
+            state = body.state;
+            applied = (body.last_applied, body.membership);
+        }
+        Ok(Self {
+            group,
+            engine,
+            shared: Arc::new(SharedState {
+                state: RwLock::new(state),
+                applied: RwLock::new(applied),
+                notifier: QueueNotifier::default(),
+            }),
+        })
+    }
+
+    fn load_snapshot(group: u32, engine: &Engine) -> StResult<Option<StoredSnapshot>> {
+        let raw = engine
+            .db()
+            .get_cf(engine.cf(CF_SNAPSHOT), group_key(group, KEY_SNAPSHOT))
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
+        raw.map(|v| bincode::deserialize(&v).map_err(|e| sm_err(&e))).transpose()
+    }
+
+    fn store_snapshot(&self, stored: &StoredSnapshot) -> StResult<()> {
+        let mut b = WriteBatch::default();
+        let bytes = bincode::serialize(stored).map_err(|e| sm_err(&e))?;
+        b.put_cf(self.engine.cf(CF_SNAPSHOT), group_key(self.group, KEY_SNAPSHOT), bytes);
+        // Synced: logs up to this snapshot may be purged right after.
+        self.engine.write(b, true).map_err(|e| sm_err(&e))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
+        let (data, last_applied, membership) = {
+            let state = self.shared.state.read().expect("state lock");
+            let applied = self.shared.applied.read().expect("applied lock");
+            let body = SnapshotBody {
+                last_applied: applied.0,
+                membership: applied.1.clone(),
+                state: state.clone(),
+            };
+            (bincode::serialize(&body).map_err(|e| sm_err(&e))?, applied.0, applied.1.clone())
+        };
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.group),
+            None => format!("empty-{}", self.group),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.store_snapshot(&stored)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> StResult<(Option<LogId<NodeId>>, Membership)> {
+        Ok(self.shared.applied.read().expect("applied lock").clone())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StResult<Vec<OpResult>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut woken: Vec<QueueKey> = Vec::new();
+        {
+            let mut state = self.shared.state.write().expect("state lock");
+            let mut applied = self.shared.applied.write().expect("applied lock");
+            for entry in entries {
+                applied.0 = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => results.push(OpResult::Done),
+                    EntryPayload::Normal(cmd) => {
+                        match &cmd.op {
+                            Op::Send { key, .. }
+                            | Op::RewindQueue { key, .. }
+                            | Op::Transfer { key, .. } => woken.push(key.clone()),
+                            _ => {}
+                        }
+                        results.push(state.apply(&cmd));
+                    }
+                    EntryPayload::Membership(m) => {
+                        applied.1 = StoredMembership::new(Some(entry.log_id), m);
+                        results.push(OpResult::Done);
+                    }
+                }
+            }
+        }
+        for key in woken {
+            self.shared.notifier.wake(&key);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StResult<()> {
+        let data = snapshot.into_inner();
+        let body: SnapshotBody = bincode::deserialize(&data).map_err(|e| sm_err(&e))?;
+        self.store_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
+        *self.shared.state.write().expect("state lock") = body.state;
+        *self.shared.applied.write().expect("applied lock") =
+            (meta.last_log_id, meta.last_membership.clone());
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
+        Ok(Self::load_snapshot(self.group, &self.engine)?
+            .map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}

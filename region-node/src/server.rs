@@ -1,0 +1,53 @@
+//! Runs a node: storage, groups, background duties and the gRPC server on one listener.
+
+use std::sync::Arc;
+
+use meridian_api::pb::cluster_service_server::ClusterServiceServer;
+use meridian_api::pb::queue_service_server::QueueServiceServer;
+use meridian_api::raftpb::raft_transport_server::RaftTransportServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::grpc::{ClusterApi, QueueApi, RaftTransportService};
+use crate::node::RegionNode;
+
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// Starts the node and serves until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|e| NodeError::Network(format!("bind {}: {e}", config.grpc_listen)))?;
+    let node = RegionNode::start(config).await?;
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            RaftTransportServer::new(RaftTransportService { node: node.clone() })
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            QueueServiceServer::new(QueueApi { node: node.clone() })
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(ClusterServiceServer::new(ClusterApi { node: node.clone() }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let serving = tokio::spawn(server);
+    node.bootstrap_if_configured().await?;
+    node.spawn_background();
+    tracing::info!(node = node.id, addr = %node.config.grpc_listen, "node serving");
+    let result = serving.await;
+    node.shutdown().await;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(NodeError::Network(e.to_string())),
+        Err(e) => Err(NodeError::Network(e.to_string())),
+    }
+}
+
+pub type SharedNode = Arc<RegionNode>;

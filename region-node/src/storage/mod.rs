@@ -1,0 +1,16 @@
+//! One RocksDB instance per node, shared by every Raft group (key prefix per group), with a
+//! group-commit syncer so that all groups' appends share WAL fsyncs.
+
+mod engine;
+mod log_store;
+
+pub use engine::{Engine, StorageMetrics, CF_LOG, CF_META, CF_SNAPSHOT};
+pub use log_store::LogStore;
+
+/// Key of a per-group record: the group id big-endian, then the suffix.
+pub fn group_key(group: u32, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + suffix.len());
+    k.extend_from_slice(&group.to_be_bytes());
+    k.extend_from_slice(suffix);
+    k
+}

@@ -1,0 +1,203 @@
+//! Harness for end-to-end tests: a real region of `meridian node` processes on loopback, each
+//! with a generated config in a temp dir, that tests can SIGKILL, SIGSTOP and restart.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use meridian_api::pb::cluster_service_client::ClusterServiceClient;
+use meridian_api::pb::queue_service_client::QueueServiceClient;
+use meridian_api::pb::{ClusterStatusReply, Empty, ListQueueRequest};
+use meridian_region_node::config::{MemberConfig, NodeConfig, RaftConfig};
+use tonic::transport::Channel;
+
+/// The `meridian` binary built alongside the tests (target/<profile>/meridian).
+pub fn meridian_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MERIDIAN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = dir.join("meridian");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p meridian-tools`), or set MERIDIAN_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (bound then released; the small race is acceptable in tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct NodeProc {
+    pub id: u64,
+    pub config_path: PathBuf,
+    pub addr: String,
+    pub child: Option<Child>,
+}
+
+pub struct Region {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    pub data_groups: u32,
+}
+
+impl Region {
+    /// Starts `n` nodes (ids 1..=n) with `data_groups` data groups and waits until ready.
+    pub async fn start(n: u64, data_groups: u32) -> Region {
+        let dir = tempfile::Builder::new().prefix("meridian-e2e-").tempdir().unwrap();
+        let secret: [u8; 32] = rand::random();
+        let members: Vec<MemberConfig> = (1..=n)
+            .map(|id| MemberConfig { id, addr: format!("127.0.0.1:{}", free_port()) })
+            .collect();
+        let mut nodes = Vec::new();
+        for m in &members {
+            let node_dir = dir.path().join(format!("node{}", m.id));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let cfg = NodeConfig {
+                node_id: m.id,
+                data_dir: node_dir.join("data"),
+                grpc_listen: m.addr.parse().unwrap(),
+                data_groups,
+                cluster_secret: hex::encode(secret),
+                bootstrap: m.id == 1,
+                members: members.clone(),
+                raft: RaftConfig::default(),
+            };
+            let config_path = node_dir.join("node.toml");
+            std::fs::write(&config_path, cfg.to_toml()).unwrap();
+            nodes.push(NodeProc { id: m.id, config_path, addr: m.addr.clone(), child: None });
+        }
+        let mut region = Region { dir, nodes, data_groups };
+        for id in 1..=n {
+            region.spawn(id);
+        }
+        region.wait_ready(Duration::from_secs(60)).await;
+        region
+    }
+
+    fn node(&mut self, id: u64) -> &mut NodeProc {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node id")
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let n = self.node(id);
+        let log = n.config_path.with_file_name("node.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(meridian_bin())
+            .arg("node")
+            .arg("--config")
+            .arg(&n.config_path)
+            .env("MERIDIAN_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn meridian node");
+        n.child = Some(child);
+    }
+
+    pub fn signal(&mut self, id: u64, sig: i32) {
+        if let Some(c) = &self.node(id).child {
+            // SAFETY: kill(2) on a child we spawned.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs, like a power cut for the process.
+    pub fn kill(&mut self, id: u64) {
+        self.signal(id, libc::SIGKILL);
+        if let Some(mut c) = self.node(id).child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self, id: u64) -> String {
+        let n = self.nodes.iter().find(|n| n.id == id).expect("node id");
+        format!("http://{}", n.addr)
+    }
+
+    pub fn live_ids(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+    }
+
+    pub async fn channel(&self, id: u64) -> Option<Channel> {
+        tonic::transport::Endpoint::from_shared(self.endpoint(id))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(60))
+            .connect()
+            .await
+            .ok()
+    }
+
+    pub async fn client(&self, id: u64) -> QueueServiceClient<Channel> {
+        QueueServiceClient::new(self.channel(id).await.expect("connect to node"))
+    }
+
+    pub async fn status(&self, id: u64) -> Option<ClusterStatusReply> {
+        let ch = self.channel(id).await?;
+        ClusterServiceClient::new(ch).cluster_status(Empty {}).await.ok().map(|r| r.into_inner())
+    }
+
+    /// The leader of `group` as seen by a live node, waiting (bounded) for one to exist.
+    pub async fn leader_of(&self, group: u32) -> u64 {
+        for _ in 0..300 {
+            for id in self.live_ids() {
+                if let Some(s) = self.status(id).await {
+                    if let Some(g) = s.groups.iter().find(|g| g.group == group) {
+                        if g.leader != 0 && self.live_ids().contains(&g.leader) {
+                            return g.leader;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("group {group} has no live leader");
+    }
+
+    /// Waits until every live node answers a linearizable ListQueue (every group has a leader).
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for id in self.live_ids() {
+            loop {
+                assert!(tokio::time::Instant::now() < deadline, "region not ready: see {:?}", self.dir.path());
+                if let Some(ch) = self.channel(id).await {
+                    let r = QueueServiceClient::new(ch)
+                        .list_queue(ListQueueRequest { search_word: String::new(), offset: 0, limit: None })
+                        .await;
+                    if r.is_ok() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            // Keep the logs of a failed run for inspection.
+            let path = self.dir.path().to_path_buf();
+            eprintln!("region data and logs kept at {}", path.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+        }
+    }
+}
+
+/// The CMQ code of a gRPC error status.
+pub fn cmq_code(s: &tonic::Status) -> u32 {
+    meridian_api::CmqError::from_status(s).code.as_u32()
+}

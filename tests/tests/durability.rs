@@ -1,0 +1,255 @@
+//! Acknowledged messages survive SIGKILL of the queue group's leader mid-stream and of the whole
+//! region, on real processes over loopback.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meridian_api::pb::queue_service_client::QueueServiceClient;
+use meridian_api::pb::{
+    BatchDeleteMessageRequest, BatchReceiveMessageRequest, BatchSendMessageRequest,
+    CreateQueueRequest, QueueNameRequest, SendMessageRequest,
+};
+use meridian_tests::{cmq_code, Region};
+use tonic::transport::Channel;
+
+/// What the clients observed: acknowledged sends by message id, and bodies whose send failed
+/// without an answer (they may or may not have been committed).
+#[derive(Default)]
+struct History {
+    acked: BTreeMap<String, String>,
+    indeterminate: BTreeSet<String>,
+}
+
+fn lazy_clients(region: &Region) -> Vec<QueueServiceClient<Channel>> {
+    region
+        .nodes
+        .iter()
+        .map(|n| {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", n.addr))
+                .unwrap()
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(20))
+                .connect_lazy();
+            QueueServiceClient::new(ch)
+        })
+        .collect()
+}
+
+async fn queue_group(region: &Region, name: &str) -> u32 {
+    let mut c = region.client(region.live_ids()[0]).await;
+    c.get_queue_attributes(QueueNameRequest { queue_name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .group
+}
+
+/// Receives and deletes until the queue stays empty; returns deliveries per message id with
+/// bodies, and the ids whose delete succeeded.
+async fn drain(
+    region: &Region,
+    queue: &str,
+    expect_at_least: usize,
+) -> (BTreeMap<String, (usize, String)>, BTreeMap<String, usize>) {
+    let clients = lazy_clients(region);
+    let live = region.live_ids();
+    let mut delivered: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    let mut deleted: BTreeMap<String, usize> = BTreeMap::new();
+    let mut empty_in_a_row = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let mut turn = 0usize;
+    while empty_in_a_row < 3 || delivered.len() < expect_at_least {
+        assert!(tokio::time::Instant::now() < deadline, "drain did not finish: {} delivered", delivered.len());
+        let mut c = clients[(live[turn % live.len()] - 1) as usize].clone();
+        turn += 1;
+        let r = c
+            .batch_receive_message(BatchReceiveMessageRequest {
+                queue_name: queue.into(),
+                num_of_msg: 16,
+                polling_wait_seconds: Some(1),
+            })
+            .await;
+        let msgs = match r {
+            Ok(r) => r.into_inner().messages,
+            Err(s) if cmq_code(&s) == 7000 => {
+                empty_in_a_row += 1;
+                continue;
+            }
+            Err(s) => {
+                eprintln!("receive error (retrying): {s}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        empty_in_a_row = 0;
+        let mut handles = Vec::new();
+        let mut ids = Vec::new();
+        for m in msgs {
+            let e = delivered
+                .entry(m.msg_id.clone())
+                .or_insert((0, String::from_utf8(m.msg_body.clone()).unwrap()));
+            e.0 += 1;
+            handles.push(m.receipt_handle);
+            ids.push(m.msg_id);
+        }
+        let r = c
+            .batch_delete_message(BatchDeleteMessageRequest {
+                queue_name: queue.into(),
+                receipt_handle: handles.clone(),
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                let failed: BTreeSet<String> =
+                    r.errors.into_iter().map(|e| e.receipt_handle).collect();
+                for (id, h) in ids.into_iter().zip(handles) {
+                    if !failed.contains(&h) {
+                        *deleted.entry(id).or_default() += 1;
+                    }
+                }
+            }
+            Err(s) => eprintln!("delete error (messages will come back): {s}"),
+        }
+    }
+    (delivered, deleted)
+}
+
+fn check(history: &History, delivered: &BTreeMap<String, (usize, String)>, deleted: &BTreeMap<String, usize>) {
+    let mut lost = Vec::new();
+    for (id, body) in &history.acked {
+        match delivered.get(id) {
+            None => lost.push(id.clone()),
+            Some((n, b)) => {
+                assert_eq!(b, body, "message {id} body corrupted");
+                assert_eq!(*n, 1, "message {id} delivered {n} times");
+                assert_eq!(deleted.get(id), Some(&1), "message {id} not deleted exactly once");
+            }
+        }
+    }
+    assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    for (id, (_, body)) in delivered {
+        if !history.acked.contains_key(id) {
+            assert!(history.indeterminate.contains(body), "invented message {id} with body {body:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_sigkill_mid_stream_loses_nothing() {
+    const CLIENTS: usize = 5;
+    const PER_CLIENT: usize = 1000;
+    let mut region = Region::start(3, 2).await;
+    let mut c = region.client(1).await;
+    c.create_queue(CreateQueueRequest { queue_name: "orders".into(), attributes: None })
+        .await
+        .unwrap();
+    let group = queue_group(&region, "orders").await;
+
+    let history = Arc::new(Mutex::new(History::default()));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let clients = lazy_clients(&region);
+    let mut senders = Vec::new();
+    for client_no in 0..CLIENTS {
+        let clients = clients.clone();
+        let history = history.clone();
+        let acked = acked.clone();
+        senders.push(tokio::spawn(async move {
+            let mut target = client_no;
+            for i in 0..PER_CLIENT {
+                let body = format!("client{client_no}-msg{i}");
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    assert!(attempts < 600, "send of {body} never succeeded");
+                    let mut c = clients[target % clients.len()].clone();
+                    let r = c
+                        .send_message(SendMessageRequest {
+                            queue_name: "orders".into(),
+                            msg_body: body.clone().into_bytes(),
+                            delay_seconds: 0,
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => {
+                            history.lock().unwrap().acked.insert(r.into_inner().msg_id, body.clone());
+                            acked.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(_) => {
+                            history.lock().unwrap().indeterminate.insert(body.clone());
+                            target += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    let total = CLIENTS * PER_CLIENT;
+    while acked.load(Ordering::Relaxed) < total / 4 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leader = region.leader_of(group).await;
+    eprintln!("SIGKILL leader node {leader} of group {group} after {} acks", acked.load(Ordering::Relaxed));
+    region.kill(leader);
+    let at_kill = acked.load(Ordering::Relaxed);
+    // The remaining two keep serving.
+    while acked.load(Ordering::Relaxed) < (at_kill + total / 4).min(total) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("restarting node {leader} at {} acks", acked.load(Ordering::Relaxed));
+    region.spawn(leader);
+    for s in senders {
+        s.await.unwrap();
+    }
+    region.wait_ready(Duration::from_secs(60)).await;
+
+    let history = Arc::try_unwrap(history).ok().unwrap().into_inner().unwrap();
+    assert_eq!(history.acked.len(), total);
+    let (delivered, deleted) = drain(&region, "orders", total).await;
+    eprintln!(
+        "acked {} indeterminate {} delivered {}",
+        history.acked.len(),
+        history.indeterminate.len(),
+        delivered.len()
+    );
+    check(&history, &delivered, &deleted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_region_sigkill_loses_nothing() {
+    let mut region = Region::start(3, 2).await;
+    let mut c = region.client(2).await;
+    c.create_queue(CreateQueueRequest { queue_name: "payments".into(), attributes: None })
+        .await
+        .unwrap();
+    let mut history = History::default();
+    for batch in 0..40 {
+        let bodies: Vec<String> = (0..16).map(|i| format!("pay-{batch}-{i}")).collect();
+        let r = c
+            .batch_send_message(BatchSendMessageRequest {
+                queue_name: "payments".into(),
+                msg_body: bodies.iter().map(|b| b.clone().into_bytes()).collect(),
+                delay_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for (id, b) in r.msg_id.into_iter().zip(bodies) {
+            history.acked.insert(id, b);
+        }
+    }
+    for id in [1, 2, 3] {
+        region.kill(id);
+    }
+    for id in [1, 2, 3] {
+        region.spawn(id);
+    }
+    region.wait_ready(Duration::from_secs(60)).await;
+    let (delivered, deleted) = drain(&region, "payments", history.acked.len()).await;
+    check(&history, &delivered, &deleted);
+}

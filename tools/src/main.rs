@@ -1,0 +1,150 @@
+//! `meridian`: run a node or a local dev region, and administer and use queues from the shell.
+
+mod client;
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "meridian", version, about = "Meridian: a replicated, CMQ-compatible message service")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct Endpoint {
+    /// gRPC endpoint of any node of the region, e.g. http://127.0.0.1:7101.
+    /// Defaults to $MERIDIAN_ENDPOINT, else the local dev region started by `meridian dev`.
+    #[arg(long, env = "MERIDIAN_ENDPOINT", global = true)]
+    pub endpoint: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one region node from its TOML config file.
+    Node {
+        /// Path of the node's config (see deploy/node.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a local 3-node region (node ids 1, 2, 3) as child processes and keep it running.
+    Dev(dev::DevArgs),
+    /// Create, inspect, change, list, rewind and delete queues.
+    Queue {
+        #[command(subcommand)]
+        cmd: client::QueueCmd,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Send one message; prints its message id.
+    Send {
+        queue: String,
+        body: String,
+        /// Keep the message invisible for this many seconds (0-3600).
+        #[arg(long, default_value_t = 0)]
+        delay: u32,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Receive messages; prints `<msgId> <body>` per message and, on stderr, the receipt handle.
+    /// Exits non-zero with code 7000 on stderr when no message arrives.
+    Receive {
+        queue: String,
+        /// Long-poll for up to this many seconds (0-30); default: the queue's pollingWaitSeconds.
+        #[arg(long)]
+        wait: Option<u32>,
+        /// Delete each message after printing it.
+        #[arg(long)]
+        delete: bool,
+        /// Receive up to this many messages in one batch (1-16).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Delete a received message by its receipt handle.
+    Delete {
+        queue: String,
+        receipt_handle: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Region membership and, per Raft group, leader, term and applied index on every node.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Show members, the leader of each group and each node's applied index.
+    Status,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Node { config } => {
+                init_tracing();
+                run_node(config).await
+            }
+            Cmd::Dev(args) => dev::run(args).await,
+            Cmd::Queue { cmd, endpoint } => client::queue(cmd, &endpoint).await,
+            Cmd::Send { queue, body, delay, endpoint } => {
+                client::send(&endpoint, &queue, body, delay).await
+            }
+            Cmd::Receive { queue, wait, delete, count, endpoint } => {
+                client::receive(&endpoint, &queue, wait, delete, count).await
+            }
+            Cmd::Delete { queue, receipt_handle, endpoint } => {
+                client::delete(&endpoint, &queue, receipt_handle).await
+            }
+            Cmd::Cluster { cmd: ClusterCmd::Status, endpoint } => {
+                client::cluster_status(&endpoint).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_node(path: PathBuf) -> anyhow::Result<()> {
+    let config = meridian_region_node::NodeConfig::load(&path)?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    meridian_region_node::server::run(config, shutdown).await?;
+    Ok(())
+}
