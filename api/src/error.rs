@@ -78,13 +78,21 @@ pub const GRPC_CODE_KEY: &str = "cmq-code";
 
 impl CmqError {
     pub fn new(code: CmqCode, module: u32, message: impl Into<String>) -> Self {
-        Self { code, module, message: message.into() }
+        Self {
+            code,
+            module,
+            message: message.into(),
+        }
     }
     pub fn invalid(module: u32, message: impl Into<String>) -> Self {
         Self::new(CmqCode::InvalidParameter, module, message)
     }
     pub fn queue_not_found(name: &str) -> Self {
-        Self::new(CmqCode::NotFound, 10100, format!("queue {name:?} does not exist"))
+        Self::new(
+            CmqCode::NotFound,
+            10100,
+            format!("queue {name:?} does not exist"),
+        )
     }
     pub fn invalid_handle(message: impl Into<String>) -> Self {
         Self::new(CmqCode::InvalidReceiptHandle, 10260, message)
@@ -118,7 +126,11 @@ impl CmqError {
         let mut status = tonic::Status::new(grpc, format!("({}) {}", self.code.as_u32(), self));
         status.metadata_mut().insert(
             GRPC_CODE_KEY,
-            self.code.as_u32().to_string().parse().expect("digits are valid metadata"),
+            self.code
+                .as_u32()
+                .to_string()
+                .parse()
+                .expect("digits are valid metadata"),
         );
         status
     }
@@ -135,7 +147,10 @@ impl CmqError {
         match code {
             Some(code) => {
                 let prefix = format!("({}) ", code.as_u32());
-                let msg = status.message().strip_prefix(&prefix).unwrap_or(status.message());
+                let msg = status
+                    .message()
+                    .strip_prefix(&prefix)
+                    .unwrap_or(status.message());
                 CmqError::new(code, 0, msg)
             }
             None => CmqError::internal(format!("{}: {}", status.code(), status.message())),

@@ -71,9 +71,10 @@ impl DeadLetterPolicy {
         let int = |key: &str| -> CmqResult<Option<i64>> {
             match obj.get(key) {
                 None | Some(serde_json::Value::Null) => Ok(None),
-                Some(serde_json::Value::Number(n)) => {
-                    n.as_i64().map(Some).ok_or_else(|| bad(&format!("{key} must be an integer")))
-                }
+                Some(serde_json::Value::Number(n)) => n
+                    .as_i64()
+                    .map(Some)
+                    .ok_or_else(|| bad(&format!("{key} must be an integer"))),
                 Some(serde_json::Value::String(s)) => s
                     .parse::<i64>()
                     .map(Some)
@@ -100,7 +101,10 @@ impl DeadLetterPolicy {
             }
             _ => return Err(bad("policy must be 0 or 1")),
         };
-        Ok(Self { dead_letter_queue: dlq.to_string(), policy })
+        Ok(Self {
+            dead_letter_queue: dlq.to_string(),
+            policy,
+        })
     }
 
     pub fn to_json(&self) -> String {
@@ -162,9 +166,10 @@ fn range<T: PartialOrd + std::fmt::Display + Copy>(
     hi: T,
 ) -> CmqResult<()> {
     match v {
-        Some(v) if v < lo || v > hi => {
-            Err(CmqError::invalid(10350, format!("{name}={v} is out of range {lo}-{hi}")))
-        }
+        Some(v) if v < lo || v > hi => Err(CmqError::invalid(
+            10350,
+            format!("{name}={v} is out of range {lo}-{hi}"),
+        )),
         _ => Ok(()),
     }
 }
@@ -173,10 +178,25 @@ impl QueueAttributesPatch {
     /// Applies the patch to `base` and checks every range and cross-field rule.
     pub fn apply_to(&self, base: &QueueAttributes) -> CmqResult<QueueAttributes> {
         range("maxMsgHeapNum", self.max_msg_heap_num, 1_000, 1_000_000_000)?;
-        range("pollingWaitSeconds", self.polling_wait_seconds, 0, MAX_POLLING_WAIT_SECONDS)?;
+        range(
+            "pollingWaitSeconds",
+            self.polling_wait_seconds,
+            0,
+            MAX_POLLING_WAIT_SECONDS,
+        )?;
         range("visibilityTimeout", self.visibility_timeout, 1, 43_200)?;
-        range("maxMsgSize", self.max_msg_size, MIN_MSG_SIZE_LIMIT, MAX_MSG_SIZE_LIMIT)?;
-        range("msgRetentionSeconds", self.msg_retention_seconds, 60, 1_296_000)?;
+        range(
+            "maxMsgSize",
+            self.max_msg_size,
+            MIN_MSG_SIZE_LIMIT,
+            MAX_MSG_SIZE_LIMIT,
+        )?;
+        range(
+            "msgRetentionSeconds",
+            self.msg_retention_seconds,
+            60,
+            1_296_000,
+        )?;
         let mut a = base.clone();
         if let Some(v) = self.max_msg_heap_num {
             a.max_msg_heap_num = v;
@@ -208,8 +228,10 @@ impl QueueAttributesPatch {
                 ),
             ));
         }
-        if let Some(DeadLetterPolicy { policy: DeadLetterTrigger::MaxTimeToLive(ttl), .. }) =
-            &a.dead_letter_policy
+        if let Some(DeadLetterPolicy {
+            policy: DeadLetterTrigger::MaxTimeToLive(ttl),
+            ..
+        }) = &a.dead_letter_policy
         {
             if *ttl >= a.msg_retention_seconds {
                 return Err(CmqError::invalid(
@@ -231,7 +253,11 @@ pub fn validate_body(body: &[u8], max_msg_size: u32) -> CmqResult<()> {
         return Err(CmqError::new(
             CmqCode::MessageTooLarge,
             10230,
-            format!("message of {} bytes exceeds maxMsgSize {}", body.len(), max_msg_size),
+            format!(
+                "message of {} bytes exceeds maxMsgSize {}",
+                body.len(),
+                max_msg_size
+            ),
         ));
     }
     Ok(())
@@ -280,7 +306,11 @@ mod tests {
         assert!(validate_name(&"a".repeat(64)).is_ok());
         for bad in ["", "9abc", "-a", "a b", "a.b", "队列", &"a".repeat(65)] {
             let e = validate_name(bad).unwrap_err();
-            assert_eq!((e.code, e.module), (CmqCode::InvalidParameter, 10020), "{bad}");
+            assert_eq!(
+                (e.code, e.module),
+                (CmqCode::InvalidParameter, 10020),
+                "{bad}"
+            );
         }
     }
 
@@ -300,29 +330,45 @@ mod tests {
             r#"{"deadLetterQueue":"dlq","policy":1,"maxTimeToLive":10}"#,
             r#"{"deadLetterQueue":"dlq","policy":7}"#,
         ] {
-            assert_eq!(DeadLetterPolicy::parse_json(bad).unwrap_err().module, 10710, "{bad}");
+            assert_eq!(
+                DeadLetterPolicy::parse_json(bad).unwrap_err().module,
+                10710,
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn attribute_ranges() {
         let base = QueueAttributes::default();
-        let bad = QueueAttributesPatch { visibility_timeout: Some(0), ..Default::default() };
-        assert_eq!(bad.apply_to(&base).unwrap_err().code, CmqCode::InvalidParameter);
+        let bad = QueueAttributesPatch {
+            visibility_timeout: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.apply_to(&base).unwrap_err().code,
+            CmqCode::InvalidParameter
+        );
         let rewind = QueueAttributesPatch {
             msg_retention_seconds: Some(60),
             rewind_seconds: Some(61),
             ..Default::default()
         };
         assert_eq!(rewind.apply_to(&base).unwrap_err().module, 10700);
-        let ok = QueueAttributesPatch { visibility_timeout: Some(5), ..Default::default() };
+        let ok = QueueAttributesPatch {
+            visibility_timeout: Some(5),
+            ..Default::default()
+        };
         assert_eq!(ok.apply_to(&base).unwrap().visibility_timeout, 5);
     }
 
     #[test]
     fn bodies() {
         assert_eq!(validate_body(b"", 1024).unwrap_err().module, 10120);
-        assert_eq!(validate_body(&[1; 1025], 1024).unwrap_err().code, CmqCode::MessageTooLarge);
+        assert_eq!(
+            validate_body(&[1; 1025], 1024).unwrap_err().code,
+            CmqCode::MessageTooLarge
+        );
         assert!(validate_body(&[1; 1024], 1024).is_ok());
     }
 

@@ -18,7 +18,10 @@ pub struct QueueKey {
 
 impl QueueKey {
     pub fn new(tenant: &str, name: &str) -> Self {
-        Self { tenant: tenant.to_string(), name: name.to_ascii_lowercase() }
+        Self {
+            tenant: tenant.to_string(),
+            name: name.to_ascii_lowercase(),
+        }
     }
 }
 
@@ -38,18 +41,47 @@ pub struct Receipt {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Op {
-    CreateQueue { tenant: String, name: String, attrs: QueueAttributes },
-    SetQueueAttributes { key: QueueKey, patch: QueueAttributesPatch },
-    DeleteQueue { key: QueueKey },
-    RewindQueue { key: QueueKey, start_ms: i64 },
-    Send { key: QueueKey, bodies: Vec<Vec<u8>>, delay_seconds: u32 },
-    Receive { key: QueueKey, max: u32 },
-    Delete { key: QueueKey, receipts: Vec<Receipt> },
+    CreateQueue {
+        tenant: String,
+        name: String,
+        attrs: QueueAttributes,
+    },
+    SetQueueAttributes {
+        key: QueueKey,
+        patch: QueueAttributesPatch,
+    },
+    DeleteQueue {
+        key: QueueKey,
+    },
+    RewindQueue {
+        key: QueueKey,
+        start_ms: i64,
+    },
+    Send {
+        key: QueueKey,
+        bodies: Vec<Vec<u8>>,
+        delay_seconds: u32,
+    },
+    Receive {
+        key: QueueKey,
+        max: u32,
+    },
+    Delete {
+        key: QueueKey,
+        receipts: Vec<Receipt>,
+    },
     /// A dead-lettered message arriving from another group's outbox. Idempotent per
     /// `(source_group, transfer_id)`.
-    Transfer { source_group: u32, transfer_id: u64, key: QueueKey, body: Vec<u8> },
+    Transfer {
+        source_group: u32,
+        transfer_id: u64,
+        key: QueueKey,
+        body: Vec<u8>,
+    },
     /// The source group learns that its outbox up to `upto` reached the destination.
-    AckTransfers { upto: u64 },
+    AckTransfers {
+        upto: u64,
+    },
     /// Housekeeping: retention expiry, rewind-window ends and time-to-live dead-lettering.
     Tick,
 }
@@ -58,11 +90,20 @@ pub enum Op {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum OpResult {
     Done,
-    Created { queue_id: String },
-    Sent { msg_ids: Vec<String> },
-    Received { messages: Vec<Delivered>, next_visible_ms: Option<i64> },
+    Created {
+        queue_id: String,
+    },
+    Sent {
+        msg_ids: Vec<String>,
+    },
+    Received {
+        messages: Vec<Delivered>,
+        next_visible_ms: Option<i64>,
+    },
     /// One entry per receipt, in input order.
-    Deleted { outcomes: Vec<Option<CmqError>> },
+    Deleted {
+        outcomes: Vec<Option<CmqError>>,
+    },
     Failed(CmqError),
 }
 

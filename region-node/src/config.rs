@@ -132,7 +132,10 @@ mod tests {
             data_groups: 3,
             cluster_secret: "00".repeat(16),
             bootstrap: true,
-            members: vec![MemberConfig { id: 1, addr: "127.0.0.1:7000".into() }],
+            members: vec![MemberConfig {
+                id: 1,
+                addr: "127.0.0.1:7000".into(),
+            }],
             raft: RaftConfig::default(),
         }
     }
@@ -154,5 +157,14 @@ mod tests {
         let mut c = sample();
         c.cluster_secret = "abc".into();
         assert!(c.validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn deploy_example_parses_and_validates() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        super::NodeConfig::load(&path).unwrap();
     }
 }

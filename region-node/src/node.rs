@@ -40,19 +40,30 @@ pub enum GroupRequest {
     Write(Op),
     /// Receive with long poll: retried on the leader as messages arrive, until `wait_ms`
     /// (`None`: the queue's pollingWaitSeconds).
-    Receive { key: QueueKey, max: u32, wait_ms: Option<u64> },
-    GetQueue { key: QueueKey },
-    ListQueues { tenant: String, search: String },
-    DeadLetterSources { dlq: QueueKey },
+    Receive {
+        key: QueueKey,
+        max: u32,
+        wait_ms: Option<u64>,
+    },
+    GetQueue {
+        key: QueueKey,
+    },
+    ListQueues {
+        tenant: String,
+        search: String,
+    },
+    DeadLetterSources {
+        dlq: QueueKey,
+    },
 }
 
 impl GroupRequest {
     /// The longest this request may legitimately take on the leader.
     fn max_wait(&self) -> Duration {
         match self {
-            GroupRequest::Receive { wait_ms, .. } => Duration::from_millis(wait_ms.unwrap_or(
-                u64::from(meridian_api::limits::MAX_POLLING_WAIT_SECONDS) * 1000,
-            )),
+            GroupRequest::Receive { wait_ms, .. } => Duration::from_millis(
+                wait_ms.unwrap_or(u64::from(meridian_api::limits::MAX_POLLING_WAIT_SECONDS) * 1000),
+            ),
             _ => Duration::ZERO,
         }
     }
@@ -129,7 +140,10 @@ impl RegionNode {
             let sm = StateMachineStore::open(id, config.data_groups, engine.clone())
                 .map_err(|e| NodeError::Storage(e.to_string()))?;
             let shared = sm.shared.clone();
-            let net = NetworkFactory { group: id, peers: peers.clone() };
+            let net = NetworkFactory {
+                group: id,
+                peers: peers.clone(),
+            };
             let raft = Raft::new(config.node_id, raft_config.clone(), net, log, sm)
                 .await
                 .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -156,10 +170,21 @@ impl RegionNode {
             .config
             .members
             .iter()
-            .map(|m| (m.id, BasicNode { addr: m.addr.clone() }))
+            .map(|m| {
+                (
+                    m.id,
+                    BasicNode {
+                        addr: m.addr.clone(),
+                    },
+                )
+            })
             .collect();
         for g in &self.groups {
-            if g.raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))? {
+            if g.raft
+                .is_initialized()
+                .await
+                .map_err(|e| NodeError::Raft(e.to_string()))?
+            {
                 continue;
             }
             if let Err(e) = g.raft.initialize(members.clone()).await {
@@ -188,7 +213,11 @@ impl RegionNode {
     }
 
     fn member_addr(&self, id: NodeId) -> Option<&str> {
-        self.config.members.iter().find(|m| m.id == id).map(|m| m.addr.as_str())
+        self.config
+            .members
+            .iter()
+            .find(|m| m.id == id)
+            .map(|m| m.addr.as_str())
     }
 
     /// The member this node would like to lead `group`, so leaders spread over nodes.
@@ -240,7 +269,10 @@ impl RegionNode {
         let mut client = RaftTransportClient::new(ch)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let mut request = tonic::Request::new(GroupMessage { group, payload: encode(req) });
+        let mut request = tonic::Request::new(GroupMessage {
+            group,
+            payload: encode(req),
+        });
         request.set_timeout(Duration::from_secs(10) + req.max_wait());
         match client.forward(request).await {
             Ok(reply) => decode::<Result<GroupReply, ForwardError>>(&reply.into_inner().payload)
@@ -268,7 +300,11 @@ impl RegionNode {
         encode(&result)
     }
 
-    async fn execute_local(&self, g: &Group, req: &GroupRequest) -> Result<GroupReply, ForwardError> {
+    async fn execute_local(
+        &self,
+        g: &Group,
+        req: &GroupRequest,
+    ) -> Result<GroupReply, ForwardError> {
         match req {
             GroupRequest::Write(op) => self.propose(g, op.clone()).await.map(GroupReply::Op),
             GroupRequest::Receive { key, max, wait_ms } => {
@@ -280,7 +316,9 @@ impl RegionNode {
                         u64::from(q.attrs.polling_wait_seconds) * 1000
                     }
                 };
-                self.receive_local(g, key, *max, wait_ms).await.map(GroupReply::Op)
+                self.receive_local(g, key, *max, wait_ms)
+                    .await
+                    .map(GroupReply::Op)
             }
             read => {
                 self.linearize(g).await?;
@@ -328,15 +366,22 @@ impl RegionNode {
     }
 
     async fn linearize(&self, g: &Group) -> Result<(), ForwardError> {
-        g.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| match e {
-            RaftError::APIError(_) => ForwardError::NotLeader,
-            RaftError::Fatal(f) => ForwardError::Cmq(CmqError::internal(f.to_string())),
-        })
+        g.raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                RaftError::APIError(_) => ForwardError::NotLeader,
+                RaftError::Fatal(f) => ForwardError::Cmq(CmqError::internal(f.to_string())),
+            })
     }
 
     /// Proposes `op` stamped with this leader's clock and waits until it is applied.
     async fn propose(&self, g: &Group, op: Op) -> Result<OpResult, ForwardError> {
-        let cmd = Command { now_ms: self.clock.now_ms(), op };
+        let cmd = Command {
+            now_ms: self.clock.now_ms(),
+            op,
+        };
         match g.raft.client_write(cmd).await {
             Ok(resp) => match resp.data {
                 OpResult::Failed(e) => Err(ForwardError::Cmq(e)),
@@ -367,8 +412,20 @@ impl RegionNode {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let res = self.propose(g, Op::Receive { key: key.clone(), max }).await?;
-            let OpResult::Received { messages, next_visible_ms } = &res else {
+            let res = self
+                .propose(
+                    g,
+                    Op::Receive {
+                        key: key.clone(),
+                        max,
+                    },
+                )
+                .await?;
+            let OpResult::Received {
+                messages,
+                next_visible_ms,
+            } = &res
+            else {
                 return Ok(res);
             };
             let now = Instant::now();
@@ -414,7 +471,10 @@ impl RegionNode {
                 if let Some(l) = leader {
                     balanced = true;
                     if l != self.id && self.preferred_leader(group) == self.id {
-                        tracing::info!(group, "taking over leadership from node {l} to spread leaders");
+                        tracing::info!(
+                            group,
+                            "taking over leadership from node {l} to spread leaders"
+                        );
                         let _ = g.raft.trigger().elect().await;
                     }
                 }
@@ -435,11 +495,20 @@ impl RegionNode {
     async fn drain_outbox(&self, g: &Group) {
         let pending: Vec<(u64, crate::queue::OutboxEntry)> = {
             let s = g.shared.state.read().expect("state lock");
-            s.outbox.iter().take(256).map(|(&id, e)| (id, e.clone())).collect()
+            s.outbox
+                .iter()
+                .take(256)
+                .map(|(&id, e)| (id, e.clone()))
+                .collect()
         };
         let mut done = None;
         for (id, e) in pending {
-            let op = Op::Transfer { source_group: g.id, transfer_id: id, key: e.key, body: e.body };
+            let op = Op::Transfer {
+                source_group: g.id,
+                transfer_id: id,
+                key: e.key,
+                body: e.body,
+            };
             match self.execute(e.target_group, GroupRequest::Write(op)).await {
                 Ok(_) => done = Some(id),
                 Err(err) => {

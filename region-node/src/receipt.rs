@@ -16,7 +16,9 @@ pub struct ReceiptSigner {
 
 impl ReceiptSigner {
     pub fn new(secret: &[u8]) -> Self {
-        Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret) }
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
     }
 
     fn material(key: &QueueKey, group: u32, r: Receipt) -> Vec<u8> {
@@ -33,7 +35,13 @@ impl ReceiptSigner {
 
     pub fn sign(&self, key: &QueueKey, group: u32, r: Receipt) -> String {
         let tag = hmac::sign(&self.key, &Self::material(key, group, r));
-        format!("{}:{}:{}:{}", group, r.seq, r.generation, hex::encode(&tag.as_ref()[..MAC_LEN]))
+        format!(
+            "{}:{}:{}:{}",
+            group,
+            r.seq,
+            r.generation,
+            hex::encode(&tag.as_ref()[..MAC_LEN])
+        )
     }
 
     /// Parses and authenticates a handle for the queue `key` living in `group`.
@@ -43,9 +51,13 @@ impl ReceiptSigner {
             return Err(bad());
         }
         let mut parts = handle.split(':');
-        let (Some(g), Some(seq), Some(gen), Some(mac), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(g), Some(seq), Some(gen), Some(mac), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(bad());
         };
         let g: u32 = g.parse().map_err(|_| bad())?;
@@ -77,14 +89,19 @@ mod tests {
     fn sign_verify_and_tamper() {
         let s = ReceiptSigner::new(b"0123456789abcdef");
         let k = QueueKey::new("", "orders");
-        let r = Receipt { seq: 42, generation: 3 };
+        let r = Receipt {
+            seq: 42,
+            generation: 3,
+        };
         let h = s.sign(&k, 2, r);
         assert_eq!(s.verify(&k, 2, &h).unwrap(), r);
         assert!(s.verify(&QueueKey::new("", "other"), 2, &h).is_err());
         assert!(s.verify(&k, 1, &h).is_err());
         let forged = h.replace(":3:", ":4:");
         assert!(s.verify(&k, 2, &forged).is_err());
-        assert!(ReceiptSigner::new(b"another-secret!!").verify(&k, 2, &h).is_err());
+        assert!(ReceiptSigner::new(b"another-secret!!")
+            .verify(&k, 2, &h)
+            .is_err());
     }
 
     proptest! {

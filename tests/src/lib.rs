@@ -17,7 +17,10 @@ pub fn meridian_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
     let bin = dir.join("meridian");
     assert!(
         bin.exists(),
@@ -29,7 +32,11 @@ pub fn meridian_bin() -> PathBuf {
 
 /// A free loopback port (bound then released; the small race is acceptable in tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct NodeProc {
@@ -48,10 +55,16 @@ pub struct Region {
 impl Region {
     /// Starts `n` nodes (ids 1..=n) with `data_groups` data groups and waits until ready.
     pub async fn start(n: u64, data_groups: u32) -> Region {
-        let dir = tempfile::Builder::new().prefix("meridian-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("meridian-e2e-")
+            .tempdir()
+            .unwrap();
         let secret: [u8; 32] = rand::random();
         let members: Vec<MemberConfig> = (1..=n)
-            .map(|id| MemberConfig { id, addr: format!("127.0.0.1:{}", free_port()) })
+            .map(|id| MemberConfig {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+            })
             .collect();
         let mut nodes = Vec::new();
         for m in &members {
@@ -69,9 +82,18 @@ impl Region {
             };
             let config_path = node_dir.join("node.toml");
             std::fs::write(&config_path, cfg.to_toml()).unwrap();
-            nodes.push(NodeProc { id: m.id, config_path, addr: m.addr.clone(), child: None });
+            nodes.push(NodeProc {
+                id: m.id,
+                config_path,
+                addr: m.addr.clone(),
+                child: None,
+            });
         }
-        let mut region = Region { dir, nodes, data_groups };
+        let mut region = Region {
+            dir,
+            nodes,
+            data_groups,
+        };
         for id in 1..=n {
             region.spawn(id);
         }
@@ -86,7 +108,11 @@ impl Region {
     pub fn spawn(&mut self, id: u64) {
         let n = self.node(id);
         let log = n.config_path.with_file_name("node.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let child = Command::new(meridian_bin())
             .arg("node")
             .arg("--config")
@@ -121,7 +147,11 @@ impl Region {
     }
 
     pub fn live_ids(&self) -> Vec<u64> {
-        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
     }
 
     pub async fn channel(&self, id: u64) -> Option<Channel> {
@@ -140,7 +170,11 @@ impl Region {
 
     pub async fn status(&self, id: u64) -> Option<ClusterStatusReply> {
         let ch = self.channel(id).await?;
-        ClusterServiceClient::new(ch).cluster_status(Empty {}).await.ok().map(|r| r.into_inner())
+        ClusterServiceClient::new(ch)
+            .cluster_status(Empty {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
     }
 
     /// The leader of `group` as seen by a live node, waiting (bounded) for one to exist.
@@ -165,10 +199,18 @@ impl Region {
         let deadline = tokio::time::Instant::now() + timeout;
         for id in self.live_ids() {
             loop {
-                assert!(tokio::time::Instant::now() < deadline, "region not ready: see {:?}", self.dir.path());
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "region not ready: see {:?}",
+                    self.dir.path()
+                );
                 if let Some(ch) = self.channel(id).await {
                     let r = QueueServiceClient::new(ch)
-                        .list_queue(ListQueueRequest { search_word: String::new(), offset: 0, limit: None })
+                        .list_queue(ListQueueRequest {
+                            search_word: String::new(),
+                            offset: 0,
+                            limit: None,
+                        })
                         .await;
                     if r.is_ok() {
                         break;
@@ -192,7 +234,10 @@ impl Drop for Region {
             // Keep the logs of a failed run for inspection.
             let path = self.dir.path().to_path_buf();
             eprintln!("region data and logs kept at {}", path.display());
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap(),
+            ));
         }
     }
 }

@@ -39,11 +39,13 @@ fn lazy_clients(region: &Region) -> Vec<QueueServiceClient<Channel>> {
 
 async fn queue_group(region: &Region, name: &str) -> u32 {
     let mut c = region.client(region.live_ids()[0]).await;
-    c.get_queue_attributes(QueueNameRequest { queue_name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .group
+    c.get_queue_attributes(QueueNameRequest {
+        queue_name: name.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .group
 }
 
 /// Receives and deletes until the queue stays empty; returns deliveries per message id with
@@ -61,7 +63,11 @@ async fn drain(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let mut turn = 0usize;
     while empty_in_a_row < 3 || delivered.len() < expect_at_least {
-        assert!(tokio::time::Instant::now() < deadline, "drain did not finish: {} delivered", delivered.len());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drain did not finish: {} delivered",
+            delivered.len()
+        );
         let mut c = clients[(live[turn % live.len()] - 1) as usize].clone();
         turn += 1;
         let r = c
@@ -117,7 +123,11 @@ async fn drain(
     (delivered, deleted)
 }
 
-fn check(history: &History, delivered: &BTreeMap<String, (usize, String)>, deleted: &BTreeMap<String, usize>) {
+fn check(
+    history: &History,
+    delivered: &BTreeMap<String, (usize, String)>,
+    deleted: &BTreeMap<String, usize>,
+) {
     let mut lost = Vec::new();
     for (id, body) in &history.acked {
         match delivered.get(id) {
@@ -125,14 +135,26 @@ fn check(history: &History, delivered: &BTreeMap<String, (usize, String)>, delet
             Some((n, b)) => {
                 assert_eq!(b, body, "message {id} body corrupted");
                 assert_eq!(*n, 1, "message {id} delivered {n} times");
-                assert_eq!(deleted.get(id), Some(&1), "message {id} not deleted exactly once");
+                assert_eq!(
+                    deleted.get(id),
+                    Some(&1),
+                    "message {id} not deleted exactly once"
+                );
             }
         }
     }
-    assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
     for (id, (_, body)) in delivered {
         if !history.acked.contains_key(id) {
-            assert!(history.indeterminate.contains(body), "invented message {id} with body {body:?}");
+            assert!(
+                history.indeterminate.contains(body),
+                "invented message {id} with body {body:?}"
+            );
         }
     }
 }
@@ -143,9 +165,12 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
     const PER_CLIENT: usize = 1000;
     let mut region = Region::start(3, 2).await;
     let mut c = region.client(1).await;
-    c.create_queue(CreateQueueRequest { queue_name: "orders".into(), attributes: None })
-        .await
-        .unwrap();
+    c.create_queue(CreateQueueRequest {
+        queue_name: "orders".into(),
+        attributes: None,
+    })
+    .await
+    .unwrap();
     let group = queue_group(&region, "orders").await;
 
     let history = Arc::new(Mutex::new(History::default()));
@@ -174,7 +199,11 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
                         .await;
                     match r {
                         Ok(r) => {
-                            history.lock().unwrap().acked.insert(r.into_inner().msg_id, body.clone());
+                            history
+                                .lock()
+                                .unwrap()
+                                .acked
+                                .insert(r.into_inner().msg_id, body.clone());
                             acked.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
@@ -194,14 +223,20 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let leader = region.leader_of(group).await;
-    eprintln!("SIGKILL leader node {leader} of group {group} after {} acks", acked.load(Ordering::Relaxed));
+    eprintln!(
+        "SIGKILL leader node {leader} of group {group} after {} acks",
+        acked.load(Ordering::Relaxed)
+    );
     region.kill(leader);
     let at_kill = acked.load(Ordering::Relaxed);
     // The remaining two keep serving.
     while acked.load(Ordering::Relaxed) < (at_kill + total / 4).min(total) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("restarting node {leader} at {} acks", acked.load(Ordering::Relaxed));
+    eprintln!(
+        "restarting node {leader} at {} acks",
+        acked.load(Ordering::Relaxed)
+    );
     region.spawn(leader);
     for s in senders {
         s.await.unwrap();
@@ -224,9 +259,12 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
 async fn whole_region_sigkill_loses_nothing() {
     let mut region = Region::start(3, 2).await;
     let mut c = region.client(2).await;
-    c.create_queue(CreateQueueRequest { queue_name: "payments".into(), attributes: None })
-        .await
-        .unwrap();
+    c.create_queue(CreateQueueRequest {
+        queue_name: "payments".into(),
+        attributes: None,
+    })
+    .await
+    .unwrap();
     let mut history = History::default();
     for batch in 0..40 {
         let bodies: Vec<String> = (0..16).map(|i| format!("pay-{batch}-{i}")).collect();

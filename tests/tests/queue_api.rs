@@ -21,7 +21,10 @@ async fn api_semantics_and_bad_input() {
     // --- bad input over gRPC: the documented CMQ codes, never a panic ---
     for bad in ["", "9abc", "a b", "x".repeat(65).as_str(), "队列"] {
         let e = c
-            .create_queue(CreateQueueRequest { queue_name: bad.into(), attributes: None })
+            .create_queue(CreateQueueRequest {
+                queue_name: bad.into(),
+                attributes: None,
+            })
             .await
             .unwrap_err();
         assert_eq!(cmq_code(&e), 4000, "{bad:?}: {e}");
@@ -29,7 +32,10 @@ async fn api_semantics_and_bad_input() {
     let e = c
         .create_queue(CreateQueueRequest {
             queue_name: "q".into(),
-            attributes: Some(QueueAttributes { visibility_timeout: Some(0), ..attrs() }),
+            attributes: Some(QueueAttributes {
+                visibility_timeout: Some(0),
+                ..attrs()
+            }),
         })
         .await
         .unwrap_err();
@@ -37,39 +43,64 @@ async fn api_semantics_and_bad_input() {
     let e = c
         .create_queue(CreateQueueRequest {
             queue_name: "q".into(),
-            attributes: Some(QueueAttributes { dead_letter_policy: Some("{oops".into()), ..attrs() }),
+            attributes: Some(QueueAttributes {
+                dead_letter_policy: Some("{oops".into()),
+                ..attrs()
+            }),
         })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000);
     c.create_queue(CreateQueueRequest {
         queue_name: "work".into(),
-        attributes: Some(QueueAttributes { max_msg_size: Some(1024), ..attrs() }),
+        attributes: Some(QueueAttributes {
+            max_msg_size: Some(1024),
+            ..attrs()
+        }),
     })
     .await
     .unwrap();
     let e = c
-        .create_queue(CreateQueueRequest { queue_name: "WORK".into(), attributes: None })
+        .create_queue(CreateQueueRequest {
+            queue_name: "WORK".into(),
+            attributes: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4460);
     let e = c
-        .send_message(SendMessageRequest { queue_name: "work".into(), msg_body: vec![b'x'; 1025], delay_seconds: 0 })
+        .send_message(SendMessageRequest {
+            queue_name: "work".into(),
+            msg_body: vec![b'x'; 1025],
+            delay_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4400);
     let e = c
-        .send_message(SendMessageRequest { queue_name: "work".into(), msg_body: vec![], delay_seconds: 0 })
+        .send_message(SendMessageRequest {
+            queue_name: "work".into(),
+            msg_body: vec![],
+            delay_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000);
     let e = c
-        .send_message(SendMessageRequest { queue_name: "work".into(), msg_body: b"x".to_vec(), delay_seconds: 4000 })
+        .send_message(SendMessageRequest {
+            queue_name: "work".into(),
+            msg_body: b"x".to_vec(),
+            delay_seconds: 4000,
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000);
     let e = c
-        .send_message(SendMessageRequest { queue_name: "missing".into(), msg_body: b"x".to_vec(), delay_seconds: 0 })
+        .send_message(SendMessageRequest {
+            queue_name: "missing".into(),
+            msg_body: b"x".to_vec(),
+            delay_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4440);
@@ -83,24 +114,42 @@ async fn api_semantics_and_bad_input() {
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000);
     let e = c
-        .receive_message(ReceiveMessageRequest { queue_name: "work".into(), polling_wait_seconds: Some(31) })
+        .receive_message(ReceiveMessageRequest {
+            queue_name: "work".into(),
+            polling_wait_seconds: Some(31),
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000);
     let e = c
-        .batch_receive_message(BatchReceiveMessageRequest { queue_name: "work".into(), num_of_msg: 0, polling_wait_seconds: Some(0) })
+        .batch_receive_message(BatchReceiveMessageRequest {
+            queue_name: "work".into(),
+            num_of_msg: 0,
+            polling_wait_seconds: Some(0),
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000);
-    for handle in ["", "garbage", "1:2:3:00112233445566778899aabbccddeeff", &"9".repeat(300)] {
+    for handle in [
+        "",
+        "garbage",
+        "1:2:3:00112233445566778899aabbccddeeff",
+        &"9".repeat(300),
+    ] {
         let e = c
-            .delete_message(DeleteMessageRequest { queue_name: "work".into(), receipt_handle: handle.into() })
+            .delete_message(DeleteMessageRequest {
+                queue_name: "work".into(),
+                receipt_handle: handle.into(),
+            })
             .await
             .unwrap_err();
         assert_eq!(cmq_code(&e), 4430, "{handle:?}");
     }
     let e = c
-        .receive_message(ReceiveMessageRequest { queue_name: "work".into(), polling_wait_seconds: Some(0) })
+        .receive_message(ReceiveMessageRequest {
+            queue_name: "work".into(),
+            polling_wait_seconds: Some(0),
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 7000);
@@ -109,13 +158,20 @@ async fn api_semantics_and_bad_input() {
     let mut waiter = region.client(1).await;
     let poll = tokio::spawn(async move {
         waiter
-            .receive_message(ReceiveMessageRequest { queue_name: "work".into(), polling_wait_seconds: Some(30) })
+            .receive_message(ReceiveMessageRequest {
+                queue_name: "work".into(),
+                polling_wait_seconds: Some(30),
+            })
             .await
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    c.send_message(SendMessageRequest { queue_name: "work".into(), msg_body: b"wake".to_vec(), delay_seconds: 0 })
-        .await
-        .unwrap();
+    c.send_message(SendMessageRequest {
+        queue_name: "work".into(),
+        msg_body: b"wake".to_vec(),
+        delay_seconds: 0,
+    })
+    .await
+    .unwrap();
     let got = tokio::time::timeout(Duration::from_secs(20), poll)
         .await
         .expect("long poll must be woken well before its 30 s wait")
@@ -134,7 +190,11 @@ async fn api_semantics_and_bad_input() {
     .await
     .unwrap();
     let msgs = c
-        .batch_receive_message(BatchReceiveMessageRequest { queue_name: "work".into(), num_of_msg: 16, polling_wait_seconds: Some(1) })
+        .batch_receive_message(BatchReceiveMessageRequest {
+            queue_name: "work".into(),
+            num_of_msg: 16,
+            polling_wait_seconds: Some(1),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -144,7 +204,10 @@ async fn api_semantics_and_bad_input() {
     handles.push(got.receipt_handle.clone());
     handles.push("forged".into());
     let r = c
-        .batch_delete_message(BatchDeleteMessageRequest { queue_name: "work".into(), receipt_handle: handles })
+        .batch_delete_message(BatchDeleteMessageRequest {
+            queue_name: "work".into(),
+            receipt_handle: handles,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -155,13 +218,20 @@ async fn api_semantics_and_bad_input() {
 
     // --- dead letters move across groups and the DLQ is protected ---
     for name in (0..8).map(|i| format!("dlq{i}")) {
-        c.create_queue(CreateQueueRequest { queue_name: name, attributes: None }).await.unwrap();
+        c.create_queue(CreateQueueRequest {
+            queue_name: name,
+            attributes: None,
+        })
+        .await
+        .unwrap();
     }
     c.create_queue(CreateQueueRequest {
         queue_name: "poison".into(),
         attributes: Some(QueueAttributes {
             visibility_timeout: Some(1),
-            dead_letter_policy: Some(r#"{"deadLetterQueue":"dlq7","policy":0,"maxReceiveCount":1}"#.into()),
+            dead_letter_policy: Some(
+                r#"{"deadLetterQueue":"dlq7","policy":0,"maxReceiveCount":1}"#.into(),
+            ),
             ..attrs()
         }),
     })
@@ -171,14 +241,21 @@ async fn api_semantics_and_bad_input() {
         .create_queue(CreateQueueRequest {
             queue_name: "nested".into(),
             attributes: Some(QueueAttributes {
-                dead_letter_policy: Some(r#"{"deadLetterQueue":"poison","policy":0,"maxReceiveCount":1}"#.into()),
+                dead_letter_policy: Some(
+                    r#"{"deadLetterQueue":"poison","policy":0,"maxReceiveCount":1}"#.into(),
+                ),
                 ..attrs()
             }),
         })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000, "no nested dead-letter queues");
-    let e = c.delete_queue(QueueNameRequest { queue_name: "dlq7".into() }).await.unwrap_err();
+    let e = c
+        .delete_queue(QueueNameRequest {
+            queue_name: "dlq7".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(cmq_code(&e), 4000, "a bound DLQ cannot be deleted");
     let sources = c
         .list_dead_letter_source_queues(ListDeadLetterSourceQueuesRequest {
@@ -191,35 +268,66 @@ async fn api_semantics_and_bad_input() {
         .unwrap()
         .into_inner();
     assert_eq!(sources.total_count, 1);
-    c.send_message(SendMessageRequest { queue_name: "poison".into(), msg_body: b"bad".to_vec(), delay_seconds: 0 })
-        .await
-        .unwrap();
-    c.receive_message(ReceiveMessageRequest { queue_name: "poison".into(), polling_wait_seconds: Some(5) })
-        .await
-        .unwrap();
+    c.send_message(SendMessageRequest {
+        queue_name: "poison".into(),
+        msg_body: b"bad".to_vec(),
+        delay_seconds: 0,
+    })
+    .await
+    .unwrap();
+    c.receive_message(ReceiveMessageRequest {
+        queue_name: "poison".into(),
+        polling_wait_seconds: Some(5),
+    })
+    .await
+    .unwrap();
     // After the visibility timeout the next receive dead-letters it instead of delivering it.
     let dead = c
-        .receive_message(ReceiveMessageRequest { queue_name: "dlq7".into(), polling_wait_seconds: Some(0) })
+        .receive_message(ReceiveMessageRequest {
+            queue_name: "dlq7".into(),
+            polling_wait_seconds: Some(0),
+        })
         .await;
-    assert!(dead.is_err(), "not dead-lettered before its visibility timeout");
+    assert!(
+        dead.is_err(),
+        "not dead-lettered before its visibility timeout"
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let e = c
-        .receive_message(ReceiveMessageRequest { queue_name: "poison".into(), polling_wait_seconds: Some(0) })
+        .receive_message(ReceiveMessageRequest {
+            queue_name: "poison".into(),
+            polling_wait_seconds: Some(0),
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 7000);
     let dead = c
-        .receive_message(ReceiveMessageRequest { queue_name: "dlq7".into(), polling_wait_seconds: Some(20) })
+        .receive_message(ReceiveMessageRequest {
+            queue_name: "dlq7".into(),
+            polling_wait_seconds: Some(20),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(dead.msg_body, b"bad");
-    c.unbind_dead_letter_queue(QueueNameRequest { queue_name: "poison".into() }).await.unwrap();
-    c.delete_queue(QueueNameRequest { queue_name: "dlq7".into() }).await.unwrap();
+    c.unbind_dead_letter_queue(QueueNameRequest {
+        queue_name: "poison".into(),
+    })
+    .await
+    .unwrap();
+    c.delete_queue(QueueNameRequest {
+        queue_name: "dlq7".into(),
+    })
+    .await
+    .unwrap();
 
     // --- list with search, paging and total count over every group ---
     let l = c
-        .list_queue(ListQueueRequest { search_word: "dlq".into(), offset: 2, limit: Some(3) })
+        .list_queue(ListQueueRequest {
+            search_word: "dlq".into(),
+            offset: 2,
+            limit: Some(3),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -227,7 +335,11 @@ async fn api_semantics_and_bad_input() {
     assert_eq!(l.queues.len(), 3);
     assert_eq!(l.queues[0].queue_name, "dlq2");
     let e = c
-        .list_queue(ListQueueRequest { search_word: String::new(), offset: 0, limit: Some(51) })
+        .list_queue(ListQueueRequest {
+            search_word: String::new(),
+            offset: 0,
+            limit: Some(51),
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 4000);
@@ -235,33 +347,70 @@ async fn api_semantics_and_bad_input() {
     // --- rewind re-delivers consumed messages ---
     c.create_queue(CreateQueueRequest {
         queue_name: "ledger".into(),
-        attributes: Some(QueueAttributes { rewind_seconds: Some(3600), ..attrs() }),
+        attributes: Some(QueueAttributes {
+            rewind_seconds: Some(3600),
+            ..attrs()
+        }),
     })
     .await
     .unwrap();
-    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 - 1;
-    c.send_message(SendMessageRequest { queue_name: "ledger".into(), msg_body: b"entry".to_vec(), delay_seconds: 0 })
-        .await
-        .unwrap();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 1;
+    c.send_message(SendMessageRequest {
+        queue_name: "ledger".into(),
+        msg_body: b"entry".to_vec(),
+        delay_seconds: 0,
+    })
+    .await
+    .unwrap();
     let m = c
-        .receive_message(ReceiveMessageRequest { queue_name: "ledger".into(), polling_wait_seconds: Some(1) })
+        .receive_message(ReceiveMessageRequest {
+            queue_name: "ledger".into(),
+            polling_wait_seconds: Some(1),
+        })
         .await
         .unwrap()
         .into_inner();
-    c.delete_message(DeleteMessageRequest { queue_name: "ledger".into(), receipt_handle: m.receipt_handle })
+    c.delete_message(DeleteMessageRequest {
+        queue_name: "ledger".into(),
+        receipt_handle: m.receipt_handle,
+    })
+    .await
+    .unwrap();
+    let a = c
+        .get_queue_attributes(QueueNameRequest {
+            queue_name: "ledger".into(),
+        })
         .await
-        .unwrap();
-    let a = c.get_queue_attributes(QueueNameRequest { queue_name: "ledger".into() }).await.unwrap().into_inner();
+        .unwrap()
+        .into_inner();
     assert_eq!((a.active_msg_num, a.rewind_msg_num), (0, 1));
-    c.rewind_queue(RewindQueueRequest { queue_name: "ledger".into(), start_consume_time: start }).await.unwrap();
+    c.rewind_queue(RewindQueueRequest {
+        queue_name: "ledger".into(),
+        start_consume_time: start,
+    })
+    .await
+    .unwrap();
     let again = c
-        .receive_message(ReceiveMessageRequest { queue_name: "ledger".into(), polling_wait_seconds: Some(1) })
+        .receive_message(ReceiveMessageRequest {
+            queue_name: "ledger".into(),
+            polling_wait_seconds: Some(1),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((again.msg_id, again.msg_body), (m.msg_id, b"entry".to_vec()));
+    assert_eq!(
+        (again.msg_id, again.msg_body),
+        (m.msg_id, b"entry".to_vec())
+    );
     let e = c
-        .rewind_queue(RewindQueueRequest { queue_name: "work".into(), start_consume_time: start })
+        .rewind_queue(RewindQueueRequest {
+            queue_name: "work".into(),
+            start_consume_time: start,
+        })
         .await
         .unwrap_err();
     assert_eq!(cmq_code(&e), 6050);
@@ -269,30 +418,52 @@ async fn api_semantics_and_bad_input() {
     // --- the CLI: same codes, receive on an empty queue exits non-zero with 7000 ---
     let ep = region.endpoint(2);
     let run = |args: &[&str]| {
-        Command::new(meridian_bin()).args(args).env("MERIDIAN_ENDPOINT", &ep).output().unwrap()
+        Command::new(meridian_bin())
+            .args(args)
+            .env("MERIDIAN_ENDPOINT", &ep)
+            .output()
+            .unwrap()
     };
     let out = run(&["queue", "create", "9bad"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("(4000)"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(4000)"),
+        "{out:?}"
+    );
     let out = run(&["queue", "create", "cli-q", "--visibility-timeout", "5"]);
     assert!(out.status.success(), "{out:?}");
     let out = run(&["receive", "cli-q", "--wait", "0"]);
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("(7000)"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(7000)"),
+        "{out:?}"
+    );
     let out = run(&["send", "cli-q", "hello 世界"]);
     assert!(out.status.success(), "{out:?}");
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let out = run(&["receive", "cli-q", "--wait", "2", "--delete"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{id} hello 世界"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{id} hello 世界")
+    );
     let out = run(&["delete", "cli-q", "not-a-handle"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("(4430)"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(4430)"),
+        "{out:?}"
+    );
     let out = run(&["queue", "get", "nope"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("(4440)"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(4440)"),
+        "{out:?}"
+    );
     let out = run(&["cluster", "status"]);
     assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("applied"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("applied"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -321,8 +492,15 @@ fn dev_region_runs_survives_a_dead_child_and_stops_cleanly() {
         }
     };
     assert_eq!(pids.len(), 3);
-    let grpc = ready.split_whitespace().find_map(|w| w.strip_prefix("grpc=")).unwrap().to_string();
-    let ok = Command::new(meridian_bin()).args(["queue", "create", "devq", "--endpoint", &grpc]).output().unwrap();
+    let grpc = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap()
+        .to_string();
+    let ok = Command::new(meridian_bin())
+        .args(["queue", "create", "devq", "--endpoint", &grpc])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{ok:?}");
     // Kill one child: dev keeps running and reports it; the restart command works.
     unsafe { libc::kill(pids[2], libc::SIGKILL) };
@@ -342,14 +520,21 @@ fn dev_region_runs_survives_a_dead_child_and_stops_cleanly() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let ok = Command::new(meridian_bin()).args(["send", "devq", "still-here", "--endpoint", &grpc]).output().unwrap();
+    let ok = Command::new(meridian_bin())
+        .args(["send", "devq", "still-here", "--endpoint", &grpc])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{ok:?}");
     unsafe { libc::kill(dev.id() as i32, libc::SIGTERM) };
     let status = dev.wait().unwrap();
     assert!(status.success(), "{status:?}");
     for pid in &pids[..2] {
         // The children are gone (kill with signal 0 fails for a reaped pid).
-        assert_ne!(unsafe { libc::kill(*pid, 0) }, 0, "child {pid} still running");
+        assert_ne!(
+            unsafe { libc::kill(*pid, 0) },
+            0,
+            "child {pid} still running"
+        );
     }
     let _ = restarted.kill();
     let _ = restarted.wait();

@@ -18,7 +18,11 @@ pub fn dev_endpoint_file() -> std::path::PathBuf {
 fn resolve(ep: &Endpoint) -> String {
     ep.endpoint
         .clone()
-        .or_else(|| std::fs::read_to_string(dev_endpoint_file()).ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string(dev_endpoint_file())
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| format!("http://127.0.0.1:{}", crate::dev::DEFAULT_BASE_PORT + 1))
 }
 
@@ -127,14 +131,25 @@ pub async fn queue(cmd: QueueCmd, ep: &Endpoint) -> anyhow::Result<()> {
     match cmd {
         QueueCmd::Create { name, attrs } => {
             let r = c
-                .create_queue(CreateQueueRequest { queue_name: name, attributes: Some(attrs.into_pb()) })
+                .create_queue(CreateQueueRequest {
+                    queue_name: name,
+                    attributes: Some(attrs.into_pb()),
+                })
                 .await
                 .map_err(cmq)?;
             println!("{}", r.into_inner().queue_id);
         }
-        QueueCmd::List { search, offset, limit } => {
+        QueueCmd::List {
+            search,
+            offset,
+            limit,
+        } => {
             let r = c
-                .list_queue(ListQueueRequest { search_word: search, offset, limit })
+                .list_queue(ListQueueRequest {
+                    search_word: search,
+                    offset,
+                    limit,
+                })
                 .await
                 .map_err(cmq)?
                 .into_inner();
@@ -163,15 +178,22 @@ pub async fn queue(cmd: QueueCmd, ep: &Endpoint) -> anyhow::Result<()> {
             print_attrs(&a);
         }
         QueueCmd::Delete { name } => {
-            c.delete_queue(QueueNameRequest { queue_name: name }).await.map_err(cmq)?;
-        }
-        QueueCmd::Rewind { name, start_time } => {
-            c.rewind_queue(RewindQueueRequest { queue_name: name, start_consume_time: start_time })
+            c.delete_queue(QueueNameRequest { queue_name: name })
                 .await
                 .map_err(cmq)?;
         }
+        QueueCmd::Rewind { name, start_time } => {
+            c.rewind_queue(RewindQueueRequest {
+                queue_name: name,
+                start_consume_time: start_time,
+            })
+            .await
+            .map_err(cmq)?;
+        }
         QueueCmd::UnbindDlq { name } => {
-            c.unbind_dead_letter_queue(QueueNameRequest { queue_name: name }).await.map_err(cmq)?;
+            c.unbind_dead_letter_queue(QueueNameRequest { queue_name: name })
+                .await
+                .map_err(cmq)?;
         }
         QueueCmd::DlqSources { name } => {
             let r = c
@@ -263,7 +285,10 @@ pub async fn receive(
 pub async fn delete(ep: &Endpoint, queue: &str, handle: String) -> anyhow::Result<()> {
     queues(ep)
         .await?
-        .delete_message(DeleteMessageRequest { queue_name: queue.into(), receipt_handle: handle })
+        .delete_message(DeleteMessageRequest {
+            queue_name: queue.into(),
+            receipt_handle: handle,
+        })
         .await
         .map_err(cmq)?;
     Ok(())
@@ -276,12 +301,21 @@ pub async fn cluster_status(ep: &Endpoint) -> anyhow::Result<()> {
     for m in &first.members {
         println!("  node {} {}", m.node_id, m.addr);
     }
-    println!("{:<6} {:<7} {:<6} {:<6} {:>10} {:>10}", "group", "leader", "term", "node", "last_log", "applied");
+    println!(
+        "{:<6} {:<7} {:<6} {:<6} {:>10} {:>10}",
+        "group", "leader", "term", "node", "last_log", "applied"
+    );
     let mut views = Vec::new();
     for m in &first.members {
         let url = format!("http://{}", m.addr);
-        let view = match tonic::transport::Endpoint::from_shared(url)?.connect().await {
-            Ok(ch) => ClusterServiceClient::new(ch).cluster_status(Empty {}).await.ok(),
+        let view = match tonic::transport::Endpoint::from_shared(url)?
+            .connect()
+            .await
+        {
+            Ok(ch) => ClusterServiceClient::new(ch)
+                .cluster_status(Empty {})
+                .await
+                .ok(),
             Err(_) => None,
         };
         views.push((m.node_id, view.map(|v| v.into_inner())));
@@ -298,7 +332,10 @@ pub async fn cluster_status(ep: &Endpoint) -> anyhow::Result<()> {
                         );
                     }
                 }
-                None => println!("{:<6} {:<7} {:<6} {:<6} {:>10} {:>10}", g.group, "-", "-", id, "down", "-"),
+                None => println!(
+                    "{:<6} {:<7} {:<6} {:<6} {:>10} {:>10}",
+                    g.group, "-", "-", id, "down", "-"
+                ),
             }
         }
     }

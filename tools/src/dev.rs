@@ -43,7 +43,10 @@ fn write_configs(dir: &Path, args: &DevArgs) -> anyhow::Result<()> {
     rand::thread_rng().fill_bytes(&mut secret);
     let members: Vec<MemberConfig> = NODE_IDS
         .iter()
-        .map(|&id| MemberConfig { id, addr: format!("127.0.0.1:{}", args.base_port + id as u16) })
+        .map(|&id| MemberConfig {
+            id,
+            addr: format!("127.0.0.1:{}", args.base_port + id as u16),
+        })
         .collect();
     for &id in &NODE_IDS {
         let cfg = NodeConfig {
@@ -58,7 +61,8 @@ fn write_configs(dir: &Path, args: &DevArgs) -> anyhow::Result<()> {
         };
         let path = config_path(dir, id);
         std::fs::create_dir_all(path.parent().expect("has parent"))?;
-        std::fs::write(&path, cfg.to_toml()).with_context(|| format!("write {}", path.display()))?;
+        std::fs::write(&path, cfg.to_toml())
+            .with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
 }
@@ -70,7 +74,10 @@ fn hex_encode(b: &[u8]) -> String {
 fn spawn_node(dir: &Path, id: u64) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locate the meridian binary")?;
     let log_path = dir.join(format!("node{id}")).join("node.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
     let child = Command::new(exe)
         .arg("node")
         .arg("--config")
@@ -90,15 +97,24 @@ async fn wait_ready(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
         if tokio::time::Instant::now() > deadline {
             bail!("region not ready after {timeout:?}; see node*/node.log in the data directory");
         }
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(endpoint.to_string())?.connect().await {
-            let status = ClusterServiceClient::new(ch.clone()).cluster_status(Empty {}).await;
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+            .connect()
+            .await
+        {
+            let status = ClusterServiceClient::new(ch.clone())
+                .cluster_status(Empty {})
+                .await;
             let all_led = status
                 .map(|s| s.into_inner().groups.iter().all(|g| g.leader != 0))
                 .unwrap_or(false);
             // Listing queues runs a linearizable read on every data group's leader.
             if all_led
                 && QueueServiceClient::new(ch)
-                    .list_queue(ListQueueRequest { search_word: String::new(), offset: 0, limit: None })
+                    .list_queue(ListQueueRequest {
+                        search_word: String::new(),
+                        offset: 0,
+                        limit: None,
+                    })
                     .await
                     .is_ok()
             {
@@ -112,7 +128,10 @@ async fn wait_ready(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let dir = match &args.data_dir {
         Some(d) => d.clone(),
-        None => tempfile::Builder::new().prefix("meridian-dev-").tempdir()?.keep(),
+        None => tempfile::Builder::new()
+            .prefix("meridian-dev-")
+            .tempdir()?
+            .keep(),
     };
     std::fs::create_dir_all(&dir)?;
     if !config_path(&dir, 1).exists() {
@@ -124,7 +143,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     for &id in &NODE_IDS {
         let cfg = NodeConfig::load(&config_path(&dir, id))?;
         let child = spawn_node(&dir, id)?;
-        println!("node {id} pid={} grpc={}", child.id().unwrap_or(0), cfg.grpc_listen);
+        println!(
+            "node {id} pid={} grpc={}",
+            child.id().unwrap_or(0),
+            cfg.grpc_listen
+        );
         grpc.push(format!("http://{}", cfg.grpc_listen));
         children.push((id, Some(child)));
     }
@@ -157,7 +180,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 // SAFETY: plain kill(2) on our own child's pid.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
-            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
             println!("node {id} stopped");

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meridian", version, about = "Meridian: a replicated, CMQ-compatible message service")]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian: a replicated, CMQ-compatible message service"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,7 +95,10 @@ enum ClusterCmd {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -111,18 +118,28 @@ fn main() -> ExitCode {
             }
             Cmd::Dev(args) => dev::run(args).await,
             Cmd::Queue { cmd, endpoint } => client::queue(cmd, &endpoint).await,
-            Cmd::Send { queue, body, delay, endpoint } => {
-                client::send(&endpoint, &queue, body, delay).await
-            }
-            Cmd::Receive { queue, wait, delete, count, endpoint } => {
-                client::receive(&endpoint, &queue, wait, delete, count).await
-            }
-            Cmd::Delete { queue, receipt_handle, endpoint } => {
-                client::delete(&endpoint, &queue, receipt_handle).await
-            }
-            Cmd::Cluster { cmd: ClusterCmd::Status, endpoint } => {
-                client::cluster_status(&endpoint).await
-            }
+            Cmd::Send {
+                queue,
+                body,
+                delay,
+                endpoint,
+            } => client::send(&endpoint, &queue, body, delay).await,
+            Cmd::Receive {
+                queue,
+                wait,
+                delete,
+                count,
+                endpoint,
+            } => client::receive(&endpoint, &queue, wait, delete, count).await,
+            Cmd::Delete {
+                queue,
+                receipt_handle,
+                endpoint,
+            } => client::delete(&endpoint, &queue, receipt_handle).await,
+            Cmd::Cluster {
+                cmd: ClusterCmd::Status,
+                endpoint,
+            } => client::cluster_status(&endpoint).await,
         }
     });
     match result {

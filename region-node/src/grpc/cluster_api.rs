@@ -39,8 +39,15 @@ impl ClusterService for ClusterApi {
             .config
             .members
             .iter()
-            .map(|m| MemberInfo { node_id: m.id, addr: m.addr.clone() })
+            .map(|m| MemberInfo {
+                node_id: m.id,
+                addr: m.addr.clone(),
+            })
             .collect();
-        Ok(Response::new(ClusterStatusReply { node_id: self.node.id, groups, members }))
+        Ok(Response::new(ClusterStatusReply {
+            node_id: self.node.id,
+            groups,
+            members,
+        }))
     }
 }

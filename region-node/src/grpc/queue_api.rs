@@ -32,7 +32,9 @@ fn unexpected(what: &str) -> CmqError {
 }
 
 fn patch_from(a: Option<QueueAttributes_>) -> CmqResult<QueueAttributesPatch> {
-    let Some(a) = a else { return Ok(QueueAttributesPatch::default()) };
+    let Some(a) = a else {
+        return Ok(QueueAttributesPatch::default());
+    };
     let dead_letter_policy = match a.dead_letter_policy.as_deref() {
         None => None,
         Some("") => Some(None),
@@ -61,7 +63,11 @@ fn view_to_pb(v: QueueView) -> QueueAttributesReply {
         max_msg_size: v.attrs.max_msg_size,
         msg_retention_seconds: v.attrs.msg_retention_seconds,
         rewind_seconds: v.attrs.rewind_seconds,
-        dead_letter_policy: v.attrs.dead_letter_policy.map(|p| p.to_json()).unwrap_or_default(),
+        dead_letter_policy: v
+            .attrs
+            .dead_letter_policy
+            .map(|p| p.to_json())
+            .unwrap_or_default(),
         create_time: v.created_ms / 1000,
         last_modify_time: v.modified_ms / 1000,
         active_msg_num: v.active,
@@ -80,7 +86,11 @@ impl QueueApi {
     }
 
     async fn write(&self, key: &QueueKey, op: Op) -> CmqResult<OpResult> {
-        match self.node.execute(self.node.group_of(key), GroupRequest::Write(op)).await? {
+        match self
+            .node
+            .execute(self.node.group_of(key), GroupRequest::Write(op))
+            .await?
+        {
             GroupReply::Op(r) => Ok(r),
             _ => Err(unexpected("write")),
         }
@@ -104,17 +114,22 @@ impl QueueApi {
                 _ => return Err(unexpected("list")),
             }
         }
-        all.sort_by(|a, b| a.0.to_ascii_lowercase().cmp(&b.0.to_ascii_lowercase()));
+        all.sort_by_key(|a| a.0.to_ascii_lowercase());
         Ok(all)
     }
 
     /// Checks a dead-letter policy against the region: the DLQ exists, is not itself a source,
     /// is not the queue itself, and has room for one more source.
     async fn check_dead_letter(&self, source: &QueueKey, attrs: &QueueAttributes) -> CmqResult<()> {
-        let Some(p) = &attrs.dead_letter_policy else { return Ok(()) };
+        let Some(p) = &attrs.dead_letter_policy else {
+            return Ok(());
+        };
         let dlq = QueueKey::new(&source.tenant, &p.dead_letter_queue);
         if &dlq == source {
-            return Err(CmqError::invalid(10740, "a queue cannot be its own dead-letter queue"));
+            return Err(CmqError::invalid(
+                10740,
+                "a queue cannot be its own dead-letter queue",
+            ));
         }
         let view = self.get_view(&dlq).await.map_err(|e| match e.code {
             CmqCode::NotFound => CmqError::invalid(
@@ -129,8 +144,13 @@ impl QueueApi {
                 "a dead-letter queue cannot have a dead-letter policy of its own (no nesting)",
             ));
         }
-        let sources = self.fan_out(GroupRequest::DeadLetterSources { dlq }).await?;
-        let others = sources.iter().filter(|(n, _)| !n.eq_ignore_ascii_case(&source.name)).count();
+        let sources = self
+            .fan_out(GroupRequest::DeadLetterSources { dlq })
+            .await?;
+        let others = sources
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case(&source.name))
+            .count();
         if others >= MAX_DLQ_SOURCES {
             return Err(CmqError::invalid(
                 10780,
@@ -169,7 +189,10 @@ impl QueueApi {
         let handle = self.node.receipts.sign(
             key,
             group,
-            crate::command::Receipt { seq: d.seq, generation: d.dequeue_count },
+            crate::command::Receipt {
+                seq: d.seq,
+                generation: d.dequeue_count,
+            },
         );
         ReceivedMessage {
             msg_id: d.msg_id,
@@ -208,7 +231,16 @@ impl QueueApi {
             self.get_view(&key).await?;
             return Ok(outcomes);
         }
-        match self.write(&key, Op::Delete { key: key.clone(), receipts }).await? {
+        match self
+            .write(
+                &key,
+                Op::Delete {
+                    key: key.clone(),
+                    receipts,
+                },
+            )
+            .await?
+        {
             OpResult::Deleted { outcomes: applied } => {
                 for (pos, o) in positions.into_iter().zip(applied) {
                     outcomes[pos] = o;
@@ -219,7 +251,12 @@ impl QueueApi {
         }
     }
 
-    pub async fn send(&self, name: &str, bodies: Vec<Vec<u8>>, delay: u32) -> CmqResult<Vec<String>> {
+    pub async fn send(
+        &self,
+        name: &str,
+        bodies: Vec<Vec<u8>>,
+        delay: u32,
+    ) -> CmqResult<Vec<String>> {
         let key = self.key(name)?;
         limits::validate_delay(delay)?;
         let total: usize = bodies.iter().map(Vec::len).sum();
@@ -233,7 +270,17 @@ impl QueueApi {
         for b in &bodies {
             limits::validate_body(b, limits::MAX_MSG_SIZE_LIMIT)?;
         }
-        match self.write(&key, Op::Send { key: key.clone(), bodies, delay_seconds: delay }).await? {
+        match self
+            .write(
+                &key,
+                Op::Send {
+                    key: key.clone(),
+                    bodies,
+                    delay_seconds: delay,
+                },
+            )
+            .await?
+        {
             OpResult::Sent { msg_ids } => Ok(msg_ids),
             _ => Err(unexpected("send")),
         }
@@ -261,7 +308,10 @@ impl QueueService for QueueApi {
         .await)
     }
 
-    async fn get_queue_attributes(&self, req: Request<QueueNameRequest>) -> Reply<QueueAttributesReply> {
+    async fn get_queue_attributes(
+        &self,
+        req: Request<QueueNameRequest>,
+    ) -> Reply<QueueAttributesReply> {
         let r = req.into_inner();
         ok(async { Ok(view_to_pb(self.get_view(&self.key(&r.queue_name)?).await?)) }.await)
     }
@@ -279,7 +329,14 @@ impl QueueService for QueueApi {
             if patch.dead_letter_policy.is_some() {
                 self.check_dead_letter(&key, &merged).await?;
             }
-            self.write(&key, Op::SetQueueAttributes { key: key.clone(), patch }).await?;
+            self.write(
+                &key,
+                Op::SetQueueAttributes {
+                    key: key.clone(),
+                    patch,
+                },
+            )
+            .await?;
             Ok(view_to_pb(self.get_view(&key).await?))
         }
         .await)
@@ -301,7 +358,10 @@ impl QueueService for QueueApi {
                     .into_iter()
                     .skip(offset)
                     .take(limit)
-                    .map(|(queue_name, queue_id)| QueueSummary { queue_id, queue_name })
+                    .map(|(queue_name, queue_id)| QueueSummary {
+                        queue_id,
+                        queue_name,
+                    })
                     .collect(),
             })
         }
@@ -312,14 +372,17 @@ impl QueueService for QueueApi {
         let r = req.into_inner();
         ok(async {
             let key = self.key(&r.queue_name)?;
-            let sources = self.fan_out(GroupRequest::DeadLetterSources { dlq: key.clone() }).await?;
+            let sources = self
+                .fan_out(GroupRequest::DeadLetterSources { dlq: key.clone() })
+                .await?;
             if let Some((src, _)) = sources.first() {
                 return Err(CmqError::invalid(
                     10750,
                     format!("queue is the dead-letter queue of {src:?}; unbind it first"),
                 ));
             }
-            self.write(&key, Op::DeleteQueue { key: key.clone() }).await?;
+            self.write(&key, Op::DeleteQueue { key: key.clone() })
+                .await?;
             Ok(Empty {})
         }
         .await)
@@ -329,10 +392,21 @@ impl QueueService for QueueApi {
         let r = req.into_inner();
         ok(async {
             let key = self.key(&r.queue_name)?;
-            let start_ms = r.start_consume_time.checked_mul(1000).filter(|&t| t >= 0).ok_or_else(
-                || CmqError::invalid(10680, "startConsumeTime must be a Unix time in seconds"),
-            )?;
-            self.write(&key, Op::RewindQueue { key: key.clone(), start_ms }).await?;
+            let start_ms = r
+                .start_consume_time
+                .checked_mul(1000)
+                .filter(|&t| t >= 0)
+                .ok_or_else(|| {
+                    CmqError::invalid(10680, "startConsumeTime must be a Unix time in seconds")
+                })?;
+            self.write(
+                &key,
+                Op::RewindQueue {
+                    key: key.clone(),
+                    start_ms,
+                },
+            )
+            .await?;
             Ok(Empty {})
         }
         .await)
@@ -342,8 +416,18 @@ impl QueueService for QueueApi {
         let r = req.into_inner();
         ok(async {
             let key = self.key(&r.queue_name)?;
-            let patch = QueueAttributesPatch { dead_letter_policy: Some(None), ..Default::default() };
-            self.write(&key, Op::SetQueueAttributes { key: key.clone(), patch }).await?;
+            let patch = QueueAttributesPatch {
+                dead_letter_policy: Some(None),
+                ..Default::default()
+            };
+            self.write(
+                &key,
+                Op::SetQueueAttributes {
+                    key: key.clone(),
+                    patch,
+                },
+            )
+            .await?;
             Ok(Empty {})
         }
         .await)
@@ -371,7 +455,10 @@ impl QueueService for QueueApi {
                     .into_iter()
                     .skip(offset)
                     .take(limit)
-                    .map(|(queue_name, queue_id)| QueueSummary { queue_id, queue_name })
+                    .map(|(queue_name, queue_id)| QueueSummary {
+                        queue_id,
+                        queue_name,
+                    })
                     .collect(),
             })
         }
@@ -381,8 +468,12 @@ impl QueueService for QueueApi {
     async fn send_message(&self, req: Request<SendMessageRequest>) -> Reply<SendMessageReply> {
         let r = req.into_inner();
         ok(async {
-            let mut ids = self.send(&r.queue_name, vec![r.msg_body], r.delay_seconds).await?;
-            Ok(SendMessageReply { msg_id: ids.pop().unwrap_or_default() })
+            let mut ids = self
+                .send(&r.queue_name, vec![r.msg_body], r.delay_seconds)
+                .await?;
+            Ok(SendMessageReply {
+                msg_id: ids.pop().unwrap_or_default(),
+            })
         }
         .await)
     }
@@ -394,7 +485,9 @@ impl QueueService for QueueApi {
         let r = req.into_inner();
         ok(async {
             limits::validate_batch_len("msgBody", r.msg_body.len())?;
-            let msg_id = self.send(&r.queue_name, r.msg_body, r.delay_seconds).await?;
+            let msg_id = self
+                .send(&r.queue_name, r.msg_body, r.delay_seconds)
+                .await?;
             Ok(BatchSendMessageReply { msg_id })
         }
         .await)
@@ -403,8 +496,9 @@ impl QueueService for QueueApi {
     async fn receive_message(&self, req: Request<ReceiveMessageRequest>) -> Reply<ReceivedMessage> {
         let r = req.into_inner();
         ok(async {
-            let (key, group, mut msgs) =
-                self.receive(&r.queue_name, 1, r.polling_wait_seconds).await?;
+            let (key, group, mut msgs) = self
+                .receive(&r.queue_name, 1, r.polling_wait_seconds)
+                .await?;
             let m = msgs.pop().ok_or_else(CmqError::no_message)?;
             Ok(self.to_pb(&key, group, m))
         }
@@ -418,10 +512,14 @@ impl QueueService for QueueApi {
         let r = req.into_inner();
         ok(async {
             limits::validate_batch_len("numOfMsg", r.num_of_msg as usize)?;
-            let (key, group, msgs) =
-                self.receive(&r.queue_name, r.num_of_msg, r.polling_wait_seconds).await?;
+            let (key, group, msgs) = self
+                .receive(&r.queue_name, r.num_of_msg, r.polling_wait_seconds)
+                .await?;
             Ok(BatchReceiveMessageReply {
-                messages: msgs.into_iter().map(|m| self.to_pb(&key, group, m)).collect(),
+                messages: msgs
+                    .into_iter()
+                    .map(|m| self.to_pb(&key, group, m))
+                    .collect(),
             })
         }
         .await)
@@ -430,7 +528,9 @@ impl QueueService for QueueApi {
     async fn delete_message(&self, req: Request<DeleteMessageRequest>) -> Reply<Empty> {
         let r = req.into_inner();
         ok(async {
-            let mut outcomes = self.delete_handles(&r.queue_name, &[r.receipt_handle]).await?;
+            let mut outcomes = self
+                .delete_handles(&r.queue_name, &[r.receipt_handle])
+                .await?;
             match outcomes.pop().flatten() {
                 Some(e) => Err(e),
                 None => Ok(Empty {}),
@@ -445,7 +545,9 @@ impl QueueService for QueueApi {
     ) -> Reply<BatchDeleteMessageReply> {
         let r = req.into_inner();
         ok(async {
-            let outcomes = self.delete_handles(&r.queue_name, &r.receipt_handle).await?;
+            let outcomes = self
+                .delete_handles(&r.queue_name, &r.receipt_handle)
+                .await?;
             let total = outcomes.len();
             let errors: Vec<DeleteError> = outcomes
                 .into_iter()

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Delivered, Op, OpResult, QueueKey, Receipt};
 use crate::placement::group_of;
-use crate::queue::queue::Queue;
+use crate::queue::model::Queue;
 
 /// How long a deleted queue's name stays reserved (CMQ error 6040).
 const NAME_REUSE_DELAY_MS: i64 = 10_000;
@@ -61,18 +61,26 @@ impl GroupState {
     }
 
     pub fn queue(&self, key: &QueueKey) -> Result<&Queue, CmqError> {
-        self.queues.get(key).ok_or_else(|| CmqError::queue_not_found(&key.name))
+        self.queues
+            .get(key)
+            .ok_or_else(|| CmqError::queue_not_found(&key.name))
     }
 
     fn queue_mut(&mut self, key: &QueueKey) -> Result<&mut Queue, CmqError> {
-        self.queues.get_mut(key).ok_or_else(|| CmqError::queue_not_found(&key.name))
+        self.queues
+            .get_mut(key)
+            .ok_or_else(|| CmqError::queue_not_found(&key.name))
     }
 
     pub fn apply(&mut self, cmd: &Command) -> OpResult {
         let now = cmd.now_ms.max(self.clock_ms);
         self.clock_ms = now;
         let r = match &cmd.op {
-            Op::CreateQueue { tenant, name, attrs } => self.create(tenant, name, attrs, now),
+            Op::CreateQueue {
+                tenant,
+                name,
+                attrs,
+            } => self.create(tenant, name, attrs, now),
             Op::SetQueueAttributes { key, patch } => self.queue_mut(key).and_then(|q| {
                 q.attrs = patch.apply_to(&q.attrs)?;
                 q.modified_ms = now;
@@ -86,11 +94,24 @@ impl GroupState {
                 None => Err(CmqError::queue_not_found(&key.name)),
             },
             Op::RewindQueue { key, start_ms } => self.rewind(key, *start_ms, now),
-            Op::Send { key, bodies, delay_seconds } => self.send(key, bodies, *delay_seconds, now),
+            Op::Send {
+                key,
+                bodies,
+                delay_seconds,
+            } => self.send(key, bodies, *delay_seconds, now),
             Op::Receive { key, max } => self.receive(key, *max, now),
             Op::Delete { key, receipts } => self.delete(key, receipts, now),
-            Op::Transfer { source_group, transfer_id, key, body } => {
-                let seen = self.transfers_applied.get(source_group).copied().unwrap_or(0);
+            Op::Transfer {
+                source_group,
+                transfer_id,
+                key,
+                body,
+            } => {
+                let seen = self
+                    .transfers_applied
+                    .get(source_group)
+                    .copied()
+                    .unwrap_or(0);
                 if *transfer_id > seen {
                     self.transfers_applied.insert(*source_group, *transfer_id);
                     // A dead-letter queue deleted meanwhile drops the message, as CMQ does.
@@ -109,7 +130,8 @@ impl GroupState {
                 for key in keys {
                     self.housekeep(&key, now);
                 }
-                self.deleted_names.retain(|_, &mut at| at + NAME_REUSE_DELAY_MS > now);
+                self.deleted_names
+                    .retain(|_, &mut at| at + NAME_REUSE_DELAY_MS > now);
                 Ok(OpResult::Done)
             }
         };
@@ -142,7 +164,10 @@ impl GroupState {
         }
         let queue_id = format!("queue-{}-{}", self.group, self.next_queue_num);
         self.next_queue_num += 1;
-        self.queues.insert(key, Queue::new(queue_id.clone(), name.to_string(), attrs.clone(), now));
+        self.queues.insert(
+            key,
+            Queue::new(queue_id.clone(), name.to_string(), attrs.clone(), now),
+        );
         Ok(OpResult::Created { queue_id })
     }
 
@@ -174,7 +199,10 @@ impl GroupState {
     fn enqueue(&mut self, key: &QueueKey, body: Vec<u8>, now: i64, delay: u32) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let q = self.queues.get_mut(key).expect("caller checked the queue exists");
+        let q = self
+            .queues
+            .get_mut(key)
+            .expect("caller checked the queue exists");
         q.insert(seq, body, now, delay);
         seq
     }
@@ -192,7 +220,10 @@ impl GroupState {
             return Err(CmqError::new(
                 CmqCode::HeapFull,
                 10240,
-                format!("queue holds maxMsgHeapNum={} messages", q.attrs.max_msg_heap_num),
+                format!(
+                    "queue holds maxMsgHeapNum={} messages",
+                    q.attrs.max_msg_heap_num
+                ),
             ));
         }
         // Limits were checked by the front end; re-checked here against the queue's size limit
@@ -210,9 +241,13 @@ impl GroupState {
 
     /// Expiry plus dead-lettering of messages that are due, ahead of a receive or on a tick.
     fn housekeep(&mut self, key: &QueueKey, now: i64) {
-        let Some(q) = self.queues.get_mut(key) else { return };
+        let Some(q) = self.queues.get_mut(key) else {
+            return;
+        };
         q.expire(now);
-        let Some(policy) = q.attrs.dead_letter_policy.clone() else { return };
+        let Some(policy) = q.attrs.dead_letter_policy.clone() else {
+            return;
+        };
         let due: Vec<u64> = match policy.policy {
             DeadLetterTrigger::MaxReceiveCount(n) => q
                 .ready
@@ -248,7 +283,14 @@ impl GroupState {
             } else {
                 let id = self.next_transfer_id;
                 self.next_transfer_id += 1;
-                self.outbox.insert(id, OutboxEntry { target_group, key: dlq.clone(), body });
+                self.outbox.insert(
+                    id,
+                    OutboxEntry {
+                        target_group,
+                        key: dlq.clone(),
+                        body,
+                    },
+                );
             }
         }
     }
@@ -259,8 +301,12 @@ impl GroupState {
         let group = self.group;
         let q = self.queues.get_mut(key).expect("checked above");
         let visible_until = now + i64::from(q.attrs.visibility_timeout) * 1000;
-        let seqs: Vec<u64> =
-            q.ready.range(..=(now, u64::MAX)).take(max as usize).map(|&(_, s)| s).collect();
+        let seqs: Vec<u64> = q
+            .ready
+            .range(..=(now, u64::MAX))
+            .take(max as usize)
+            .map(|&(_, s)| s)
+            .collect();
         let mut messages = Vec::with_capacity(seqs.len());
         let queue_id = q.queue_id.clone();
         for seq in seqs {
@@ -277,7 +323,10 @@ impl GroupState {
             });
         }
         let next_visible_ms = q.next_visible_after(now);
-        Ok(OpResult::Received { messages, next_visible_ms })
+        Ok(OpResult::Received {
+            messages,
+            next_visible_ms,
+        })
     }
 
     fn delete(

@@ -1,10 +1,10 @@
 //! The CMQ queue model of one Raft group: pure, deterministic, no I/O and no clock.
 
 mod group;
-mod queue;
+mod model;
 
 pub use group::{GroupState, OutboxEntry};
-pub use queue::{Message, Queue, QueueCounters};
+pub use model::{Message, Queue, QueueCounters};
 
 #[cfg(test)]
 mod tests;

@@ -18,10 +18,16 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Self { s: GroupState::new(1, 1), now: T0 }
+        Self {
+            s: GroupState::new(1, 1),
+            now: T0,
+        }
     }
     fn apply(&mut self, op: Op) -> OpResult {
-        self.s.apply(&Command { now_ms: self.now, op })
+        self.s.apply(&Command {
+            now_ms: self.now,
+            op,
+        })
     }
     fn key(name: &str) -> QueueKey {
         QueueKey::new("", name)
@@ -29,7 +35,11 @@ impl Harness {
     fn create(&mut self, name: &str, f: impl FnOnce(&mut QueueAttributes)) {
         let mut attrs = QueueAttributes::default();
         f(&mut attrs);
-        let r = self.apply(Op::CreateQueue { tenant: "".into(), name: name.into(), attrs });
+        let r = self.apply(Op::CreateQueue {
+            tenant: "".into(),
+            name: name.into(),
+            attrs,
+        });
         assert!(matches!(r, OpResult::Created { .. }), "{r:?}");
     }
     fn send(&mut self, name: &str, body: &str, delay: u32) -> String {
@@ -43,14 +53,23 @@ impl Harness {
         }
     }
     fn receive(&mut self, name: &str, max: u32) -> Vec<Delivered> {
-        match self.apply(Op::Receive { key: Self::key(name), max }) {
+        match self.apply(Op::Receive {
+            key: Self::key(name),
+            max,
+        }) {
             OpResult::Received { messages, .. } => messages,
             r => panic!("{r:?}"),
         }
     }
     fn delete(&mut self, name: &str, d: &Delivered) -> bool {
-        let receipts = vec![Receipt { seq: d.seq, generation: d.dequeue_count }];
-        match self.apply(Op::Delete { key: Self::key(name), receipts }) {
+        let receipts = vec![Receipt {
+            seq: d.seq,
+            generation: d.dequeue_count,
+        }];
+        match self.apply(Op::Delete {
+            key: Self::key(name),
+            receipts,
+        }) {
             OpResult::Deleted { outcomes } => outcomes[0].is_none(),
             r => panic!("{r:?}"),
         }
@@ -135,7 +154,10 @@ fn max_receive_count_moves_to_dead_letter_queue() {
     h.secs(1);
     assert_eq!(h.receive("src", 1).len(), 1);
     h.secs(1);
-    assert!(h.receive("src", 1).is_empty(), "third receive dead-letters it");
+    assert!(
+        h.receive("src", 1).is_empty(),
+        "third receive dead-letters it"
+    );
     let dead = h.receive("dlq", 1);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].body, b"poison");
@@ -175,19 +197,57 @@ fn dead_letter_queue_in_another_group_goes_through_outbox() {
         ..Default::default()
     };
     let c = |now, op| Command { now_ms: now, op };
-    s.apply(&c(T0, Op::CreateQueue { tenant: "".into(), name: "src".into(), attrs }));
+    s.apply(&c(
+        T0,
+        Op::CreateQueue {
+            tenant: "".into(),
+            name: "src".into(),
+            attrs,
+        },
+    ));
     let key = QueueKey::new("", "src");
-    s.apply(&c(T0, Op::Send { key: key.clone(), bodies: vec![b"x".to_vec()], delay_seconds: 0 }));
-    s.apply(&c(T0, Op::Receive { key: key.clone(), max: 1 }));
-    s.apply(&c(T0 + 1000, Op::Receive { key: key.clone(), max: 1 }));
+    s.apply(&c(
+        T0,
+        Op::Send {
+            key: key.clone(),
+            bodies: vec![b"x".to_vec()],
+            delay_seconds: 0,
+        },
+    ));
+    s.apply(&c(
+        T0,
+        Op::Receive {
+            key: key.clone(),
+            max: 1,
+        },
+    ));
+    s.apply(&c(
+        T0 + 1000,
+        Op::Receive {
+            key: key.clone(),
+            max: 1,
+        },
+    ));
     assert_eq!(s.outbox.len(), 1);
     let (&id, e) = s.outbox.iter().next().unwrap();
     assert_eq!((e.target_group, e.key.name.as_str()), (2, dlq.as_str()));
 
     // The target applies the transfer once, however often it is retried.
     let mut t = GroupState::new(2, 2);
-    t.apply(&c(T0, Op::CreateQueue { tenant: "".into(), name: dlq.clone(), attrs: Default::default() }));
-    let transfer = Op::Transfer { source_group: 1, transfer_id: id, key: e.key.clone(), body: e.body.clone() };
+    t.apply(&c(
+        T0,
+        Op::CreateQueue {
+            tenant: "".into(),
+            name: dlq.clone(),
+            attrs: Default::default(),
+        },
+    ));
+    let transfer = Op::Transfer {
+        source_group: 1,
+        transfer_id: id,
+        key: e.key.clone(),
+        body: e.body.clone(),
+    };
     t.apply(&c(T0, transfer.clone()));
     t.apply(&c(T0, transfer));
     assert_eq!(t.queues[&QueueKey::new("", &dlq)].live_count(), 1);
@@ -208,10 +268,17 @@ fn rewind_redelivers_consumed_messages_in_window() {
     assert_eq!(h.counters("q").rewindable, 2);
     assert_eq!(h.counters("q").active, 0);
     h.secs(10);
-    let r = h.apply(Op::RewindQueue { key: Harness::key("q"), start_ms: T0 + 5_000 });
+    let r = h.apply(Op::RewindQueue {
+        key: Harness::key("q"),
+        start_ms: T0 + 5_000,
+    });
     assert!(matches!(r, OpResult::Done), "{r:?}");
     let again = h.receive("q", 16);
-    assert_eq!(again.len(), 1, "only messages produced at or after the start");
+    assert_eq!(
+        again.len(),
+        1,
+        "only messages produced at or after the start"
+    );
     assert_eq!(again[0].body, b"b");
 }
 
@@ -219,12 +286,18 @@ fn rewind_redelivers_consumed_messages_in_window() {
 fn rewind_refused_when_disabled_or_out_of_window() {
     let mut h = Harness::new();
     h.create("off", |_| {});
-    match h.apply(Op::RewindQueue { key: Harness::key("off"), start_ms: T0 }) {
+    match h.apply(Op::RewindQueue {
+        key: Harness::key("off"),
+        start_ms: T0,
+    }) {
         OpResult::Failed(e) => assert_eq!(e.code, CmqCode::RewindDisabled),
         r => panic!("{r:?}"),
     }
     h.create("on", |a| a.rewind_seconds = 60);
-    match h.apply(Op::RewindQueue { key: Harness::key("on"), start_ms: T0 - 3_600_000 }) {
+    match h.apply(Op::RewindQueue {
+        key: Harness::key("on"),
+        start_ms: T0 - 3_600_000,
+    }) {
         OpResult::Failed(e) => assert_eq!((e.code, e.module), (CmqCode::InvalidParameter, 10680)),
         r => panic!("{r:?}"),
     }
@@ -247,7 +320,10 @@ fn retention_expires_messages_and_rewind_window_ends() {
     h.secs(30);
     h.apply(Op::Tick);
     let c = h.counters("q");
-    assert_eq!((c.active, c.inactive, c.delayed, c.min_msg_ms), (0, 0, 0, 0));
+    assert_eq!(
+        (c.active, c.inactive, c.delayed, c.min_msg_ms),
+        (0, 0, 0, 0)
+    );
 }
 
 #[test]
@@ -256,20 +332,37 @@ fn heap_limit_and_errors() {
     h.create("q", |a| a.max_msg_heap_num = 2);
     h.send("q", "a", 0);
     h.send("q", "b", 0);
-    match h.apply(Op::Send { key: Harness::key("q"), bodies: vec![b"c".to_vec()], delay_seconds: 0 }) {
+    match h.apply(Op::Send {
+        key: Harness::key("q"),
+        bodies: vec![b"c".to_vec()],
+        delay_seconds: 0,
+    }) {
         OpResult::Failed(e) => assert_eq!(e.code, CmqCode::HeapFull),
         r => panic!("{r:?}"),
     }
-    match h.apply(Op::Receive { key: Harness::key("nope"), max: 1 }) {
+    match h.apply(Op::Receive {
+        key: Harness::key("nope"),
+        max: 1,
+    }) {
         OpResult::Failed(e) => assert_eq!(e.code, CmqCode::NotFound),
         r => panic!("{r:?}"),
     }
-    match h.apply(Op::CreateQueue { tenant: "".into(), name: "Q".into(), attrs: Default::default() }) {
+    match h.apply(Op::CreateQueue {
+        tenant: "".into(),
+        name: "Q".into(),
+        attrs: Default::default(),
+    }) {
         OpResult::Failed(e) => assert_eq!(e.code, CmqCode::AlreadyExists, "case-insensitive"),
         r => panic!("{r:?}"),
     }
-    h.apply(Op::DeleteQueue { key: Harness::key("q") });
-    match h.apply(Op::CreateQueue { tenant: "".into(), name: "q".into(), attrs: Default::default() }) {
+    h.apply(Op::DeleteQueue {
+        key: Harness::key("q"),
+    });
+    match h.apply(Op::CreateQueue {
+        tenant: "".into(),
+        name: "q".into(),
+        attrs: Default::default(),
+    }) {
         OpResult::Failed(e) => assert_eq!(e.code, CmqCode::RecreatedTooSoon),
         r => panic!("{r:?}"),
     }

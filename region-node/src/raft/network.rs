@@ -73,9 +73,17 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 ),
                 None,
             ),
-            Err(e) => (None, Some(format!("bad address {:?} of node {target}: {e}", node.addr))),
+            Err(e) => (
+                None,
+                Some(format!("bad address {:?} of node {target}: {e}", node.addr)),
+            ),
         };
-        GroupConnection { group: self.group, target, client, connect_error }
+        GroupConnection {
+            group: self.group,
+            target,
+            client,
+            connect_error,
+        }
     }
 }
 
@@ -105,10 +113,14 @@ impl GroupConnection {
     {
         let Some(client) = self.client.as_mut() else {
             let why = self.connect_error.clone().unwrap_or_default();
-            return Err(RPCError::Unreachable(Unreachable::new(&TransportError(why))));
+            return Err(RPCError::Unreachable(Unreachable::new(&TransportError(
+                why,
+            ))));
         };
-        let mut request =
-            tonic::Request::new(GroupMessage { group: self.group, payload: encode(req) });
+        let mut request = tonic::Request::new(GroupMessage {
+            group: self.group,
+            payload: encode(req),
+        });
         request.set_timeout(option.hard_ttl());
         let reply = match kind {
             RpcKind::Append => client.append_entries(request).await,

@@ -35,7 +35,12 @@ pub struct QueueNotifier {
 
 impl QueueNotifier {
     pub fn watch(&self, key: &QueueKey) -> Arc<Notify> {
-        self.waiters.lock().expect("notifier lock").entry(key.clone()).or_default().clone()
+        self.waiters
+            .lock()
+            .expect("notifier lock")
+            .entry(key.clone())
+            .or_default()
+            .clone()
     }
 
     fn wake(&self, key: &QueueKey) {
@@ -102,13 +107,18 @@ impl StateMachineStore {
             .db()
             .get_cf(engine.cf(CF_SNAPSHOT), group_key(group, KEY_SNAPSHOT))
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
-        raw.map(|v| bincode::deserialize(&v).map_err(|e| sm_err(&e))).transpose()
+        raw.map(|v| bincode::deserialize(&v).map_err(|e| sm_err(&e)))
+            .transpose()
     }
 
     fn store_snapshot(&self, stored: &StoredSnapshot) -> StResult<()> {
         let mut b = WriteBatch::default();
         let bytes = bincode::serialize(stored).map_err(|e| sm_err(&e))?;
-        b.put_cf(self.engine.cf(CF_SNAPSHOT), group_key(self.group, KEY_SNAPSHOT), bytes);
+        b.put_cf(
+            self.engine.cf(CF_SNAPSHOT),
+            group_key(self.group, KEY_SNAPSHOT),
+            bytes,
+        );
         // Synced: logs up to this snapshot may be purged right after.
         self.engine.write(b, true).map_err(|e| sm_err(&e))
     }
@@ -124,16 +134,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 membership: applied.1.clone(),
                 state: state.clone(),
             };
-            (bincode::serialize(&body).map_err(|e| sm_err(&e))?, applied.0, applied.1.clone())
+            (
+                bincode::serialize(&body).map_err(|e| sm_err(&e))?,
+                applied.0,
+                applied.1.clone(),
+            )
         };
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.group),
             None => format!("empty-{}", self.group),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         self.store_snapshot(&stored)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }
 
@@ -195,7 +219,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> StResult<()> {
         let data = snapshot.into_inner();
         let body: SnapshotBody = bincode::deserialize(&data).map_err(|e| sm_err(&e))?;
-        self.store_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
+        self.store_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })?;
         *self.shared.state.write().expect("state lock") = body.state;
         *self.shared.applied.write().expect("applied lock") =
             (meta.last_log_id, meta.last_membership.clone());
@@ -203,7 +230,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
-        Ok(Self::load_snapshot(self.group, &self.engine)?
-            .map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(
+            Self::load_snapshot(self.group, &self.engine)?.map(|s| Snapshot {
+                meta: s.meta,
+                snapshot: Box::new(Cursor::new(s.data)),
+            }),
+        )
     }
 }

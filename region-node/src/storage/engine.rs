@@ -61,7 +61,11 @@ impl Engine {
             .name("wal-syncer".into())
             .spawn(move || run_syncer(sync_db, rx, m))
             .map_err(|e| NodeError::Storage(format!("spawn WAL syncer: {e}")))?;
-        Ok(Self { db, syncer: tx, metrics })
+        Ok(Self {
+            db,
+            syncer: tx,
+            metrics,
+        })
     }
 
     pub fn db(&self) -> &DB {
@@ -69,7 +73,9 @@ impl Engine {
     }
 
     pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     /// Writes a batch; `sync` makes this one write durable before returning.
@@ -93,9 +99,11 @@ fn run_syncer(db: Arc<DB>, rx: mpsc::Receiver<SyncCallback>, m: Arc<StorageMetri
         waiting.extend(rx.try_iter());
         let started = Instant::now();
         let result = db.flush_wal(true);
-        m.sync_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.sync_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         m.wal_syncs.fetch_add(1, Ordering::Relaxed);
-        m.synced_appends.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        m.synced_appends
+            .fetch_add(waiting.len() as u64, Ordering::Relaxed);
         if result.is_err() {
             m.sync_errors.fetch_add(1, Ordering::Relaxed);
         }

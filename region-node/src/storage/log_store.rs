@@ -52,7 +52,10 @@ impl LogStore {
     fn last_entry_log_id(&self) -> StResult<Option<LogId<NodeId>>> {
         let cf = self.engine.cf(CF_LOG);
         let upper = group_key(self.group, &u64::MAX.to_be_bytes());
-        let mut it = self.engine.db().iterator_cf(cf, IteratorMode::From(&upper, Direction::Reverse));
+        let mut it = self
+            .engine
+            .db()
+            .iterator_cf(cf, IteratorMode::From(&upper, Direction::Reverse));
         match it.next() {
             Some(Ok((k, v))) if k.starts_with(&self.group.to_be_bytes()) => {
                 let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(|e| read_err(&e))?;
@@ -65,7 +68,11 @@ impl LogStore {
 
     fn delete_range(&self, from: u64, to_exclusive: u64) -> StResult<()> {
         let mut b = WriteBatch::default();
-        b.delete_range_cf(self.engine.cf(CF_LOG), self.log_key(from), self.log_key(to_exclusive));
+        b.delete_range_cf(
+            self.engine.cf(CF_LOG),
+            self.log_key(from),
+            self.log_key(to_exclusive),
+        );
         self.engine.write(b, false).map_err(|e| write_err(&e))
     }
 }
@@ -91,7 +98,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let cf = self.engine.cf(CF_LOG);
         let from = self.log_key(start);
         let mut out = Vec::new();
-        for item in self.engine.db().iterator_cf(cf, IteratorMode::From(&from, Direction::Forward)) {
+        for item in self
+            .engine
+            .db()
+            .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
+        {
             let (k, v) = item.map_err(|e| read_err(&e))?;
             if !k.starts_with(&self.group.to_be_bytes()) {
                 break;
@@ -112,7 +123,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> StResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(KEY_PURGED)?;
         let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -135,7 +149,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StResult<Option<LogId<NodeId>>> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StResult<()>
@@ -150,7 +166,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             b.put_cf(cf, self.log_key(e.log_id.index), v);
         }
         self.engine.write(b, false).map_err(|e| write_err(&e))?;
-        self.engine.after_sync(Box::new(move |r| callback.log_io_completed(r)));
+        self.engine
+            .after_sync(Box::new(move |r| callback.log_io_completed(r)));
         Ok(())
     }
 

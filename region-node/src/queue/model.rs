@@ -131,7 +131,10 @@ impl Queue {
 
     /// Makes `seq` invisible until `visible_ms` and counts the receive.
     pub fn take(&mut self, seq: u64, now_ms: i64, visible_ms: i64) -> &Message {
-        let m = self.messages.get_mut(&seq).expect("ready index points at a live message");
+        let m = self
+            .messages
+            .get_mut(&seq)
+            .expect("ready index points at a live message");
         self.ready.remove(&(m.visible_ms, seq));
         m.dequeue_count += 1;
         if m.first_dequeue_ms == 0 {
@@ -163,7 +166,10 @@ impl Queue {
     }
 
     pub fn counters(&self, now_ms: i64) -> QueueCounters {
-        let mut c = QueueCounters { rewindable: self.deleted_count, ..Default::default() };
+        let mut c = QueueCounters {
+            rewindable: self.deleted_count,
+            ..Default::default()
+        };
         for &(visible_ms, seq) in &self.ready {
             if visible_ms <= now_ms {
                 c.active += 1;
