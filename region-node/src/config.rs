@@ -56,6 +56,9 @@ pub struct RaftConfig {
     pub snapshot_after_entries: u64,
     /// Most entries in one AppendEntries message.
     pub max_payload_entries: u64,
+    /// Log entries kept after a snapshot, so briefly lagging followers catch up from the log
+    /// instead of a full snapshot transfer.
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for RaftConfig {
@@ -66,6 +69,7 @@ impl Default for RaftConfig {
             election_timeout_max_ms: 1600,
             snapshot_after_entries: 20_000,
             max_payload_entries: 512,
+            logs_kept_after_snapshot: 1000,
         }
     }
 }

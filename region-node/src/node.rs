@@ -128,6 +128,7 @@ impl RegionNode {
                 election_timeout_min: r.election_timeout_min_ms,
                 election_timeout_max: r.election_timeout_max_ms,
                 max_payload_entries: r.max_payload_entries,
+                max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,
                 snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
                 ..Default::default()
             }

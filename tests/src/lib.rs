@@ -55,6 +55,11 @@ pub struct Region {
 impl Region {
     /// Starts `n` nodes (ids 1..=n) with `data_groups` data groups and waits until ready.
     pub async fn start(n: u64, data_groups: u32) -> Region {
+        Self::start_with(n, data_groups, RaftConfig::default()).await
+    }
+
+    /// Like [`Region::start`], with explicit Raft settings (e.g. frequent snapshots).
+    pub async fn start_with(n: u64, data_groups: u32, raft: RaftConfig) -> Region {
         let dir = tempfile::Builder::new()
             .prefix("meridian-e2e-")
             .tempdir()
@@ -78,7 +83,7 @@ impl Region {
                 cluster_secret: hex::encode(secret),
                 bootstrap: m.id == 1,
                 members: members.clone(),
-                raft: RaftConfig::default(),
+                raft: raft.clone(),
             };
             let config_path = node_dir.join("node.toml");
             std::fs::write(&config_path, cfg.to_toml()).unwrap();

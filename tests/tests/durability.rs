@@ -291,3 +291,60 @@ async fn whole_region_sigkill_loses_nothing() {
     let (delivered, deleted) = drain(&region, "payments", history.acked.len()).await;
     check(&history, &delivered, &deleted);
 }
+
+/// A follower that missed more than a snapshot's worth of log (purged on the others) catches up
+/// by snapshot installation, and then serves everything acknowledged without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_follower_catches_up_from_snapshot() {
+    let raft = meridian_region_node::config::RaftConfig {
+        snapshot_after_entries: 50,
+        logs_kept_after_snapshot: 0,
+        ..Default::default()
+    };
+    let mut region = Region::start_with(3, 1, raft).await;
+    let mut c = region.client(1).await;
+    c.create_queue(CreateQueueRequest { queue_name: "audit".into(), attributes: None })
+        .await
+        .unwrap();
+    let leader = region.leader_of(1).await;
+    let lagging = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    region.kill(lagging);
+    let survivor = [1, 2, 3].into_iter().find(|&id| id != leader && id != lagging).unwrap();
+    let mut c = region.client(leader).await;
+    let mut history = History::default();
+    for i in 0..300 {
+        let body = format!("audit-{i}");
+        let id = c
+            .send_message(SendMessageRequest {
+                queue_name: "audit".into(),
+                msg_body: body.clone().into_bytes(),
+                delay_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .msg_id;
+        history.acked.insert(id, body);
+    }
+    region.spawn(lagging);
+    // Wait (bounded) until the restarted node has applied what the leader has.
+    let target = region.status(leader).await.unwrap().groups[1].applied_index;
+    let mut caught_up = false;
+    for _ in 0..300 {
+        if let Some(s) = region.status(lagging).await {
+            if s.groups[1].applied_index >= target {
+                caught_up = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(caught_up, "node {lagging} did not catch up to applied index {target}");
+    let s = region.status(lagging).await.unwrap();
+    assert!(s.groups[1].snapshots_installed >= 1, "caught up without a snapshot: {:?}", s.groups[1]);
+    // Without the other follower, the group now depends on the restarted node's copy.
+    region.kill(survivor);
+    region.wait_ready(Duration::from_secs(60)).await;
+    let (delivered, deleted) = drain(&region, "audit", history.acked.len()).await;
+    check(&history, &delivered, &deleted);
+}

@@ -31,6 +31,11 @@ impl ClusterService for ClusterApi {
                     last_log_index: m.last_log_index.unwrap_or(0),
                     applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
                     voters: m.membership_config.membership().voter_ids().collect(),
+                    snapshots_installed: g
+                        .shared
+                        .snapshots_installed
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    purged_index: m.purged.map(|l| l.index).unwrap_or(0),
                 }
             })
             .collect();

@@ -55,6 +55,8 @@ pub struct SharedState {
     pub state: RwLock<GroupState>,
     pub applied: RwLock<(Option<LogId<NodeId>>, Membership)>,
     pub notifier: QueueNotifier,
+    /// Snapshots installed from a leader since start.
+    pub snapshots_installed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -98,6 +100,7 @@ impl StateMachineStore {
                 state: RwLock::new(state),
                 applied: RwLock::new(applied),
                 notifier: QueueNotifier::default(),
+                snapshots_installed: Default::default(),
             }),
         })
     }
@@ -226,6 +229,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         *self.shared.state.write().expect("state lock") = body.state;
         *self.shared.applied.write().expect("applied lock") =
             (meta.last_log_id, meta.last_membership.clone());
+        self.shared.snapshots_installed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
