@@ -168,7 +168,8 @@ mod tests {
 mod example_tests {
     #[test]
     fn deploy_example_parses_and_validates() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
         super::NodeConfig::load(&path).unwrap();
     }
 }

@@ -303,13 +303,19 @@ async fn lagging_follower_catches_up_from_snapshot() {
     };
     let mut region = Region::start_with(3, 1, raft).await;
     let mut c = region.client(1).await;
-    c.create_queue(CreateQueueRequest { queue_name: "audit".into(), attributes: None })
-        .await
-        .unwrap();
+    c.create_queue(CreateQueueRequest {
+        queue_name: "audit".into(),
+        attributes: None,
+    })
+    .await
+    .unwrap();
     let leader = region.leader_of(1).await;
     let lagging = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
     region.kill(lagging);
-    let survivor = [1, 2, 3].into_iter().find(|&id| id != leader && id != lagging).unwrap();
+    let survivor = [1, 2, 3]
+        .into_iter()
+        .find(|&id| id != leader && id != lagging)
+        .unwrap();
     let mut c = region.client(leader).await;
     let mut history = History::default();
     for i in 0..300 {
@@ -339,9 +345,16 @@ async fn lagging_follower_catches_up_from_snapshot() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(caught_up, "node {lagging} did not catch up to applied index {target}");
+    assert!(
+        caught_up,
+        "node {lagging} did not catch up to applied index {target}"
+    );
     let s = region.status(lagging).await.unwrap();
-    assert!(s.groups[1].snapshots_installed >= 1, "caught up without a snapshot: {:?}", s.groups[1]);
+    assert!(
+        s.groups[1].snapshots_installed >= 1,
+        "caught up without a snapshot: {:?}",
+        s.groups[1]
+    );
     // Without the other follower, the group now depends on the restarted node's copy.
     region.kill(survivor);
     region.wait_ready(Duration::from_secs(60)).await;

@@ -38,22 +38,22 @@ fn config_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node{id}")).join("node.toml")
 }
 
-fn write_configs(dir: &Path, args: &DevArgs) -> anyhow::Result<()> {
+fn write_configs(dir: &Path, base_port: u16, data_groups: u32) -> anyhow::Result<()> {
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let members: Vec<MemberConfig> = NODE_IDS
         .iter()
         .map(|&id| MemberConfig {
             id,
-            addr: format!("127.0.0.1:{}", args.base_port + id as u16),
+            addr: format!("127.0.0.1:{}", base_port + id as u16),
         })
         .collect();
     for &id in &NODE_IDS {
         let cfg = NodeConfig {
             node_id: id,
             data_dir: dir.join(format!("node{id}")).join("data"),
-            grpc_listen: format!("127.0.0.1:{}", args.base_port + id as u16).parse()?,
-            data_groups: args.data_groups,
+            grpc_listen: format!("127.0.0.1:{}", base_port + id as u16).parse()?,
+            data_groups,
             cluster_secret: hex_encode(&secret),
             bootstrap: id == 1,
             members: members.clone(),
@@ -125,6 +125,102 @@ async fn wait_ready(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Three child node processes with configs under `dir`.
+pub struct LocalRegion {
+    pub dir: PathBuf,
+    children: Vec<(u64, Option<Child>)>,
+    /// gRPC endpoints by node, `http://127.0.0.1:<port>`.
+    pub grpc: Vec<String>,
+}
+
+impl LocalRegion {
+    /// Writes configs (unless `dir` has them) and starts the three nodes.
+    pub fn launch(
+        dir: &Path,
+        base_port: u16,
+        data_groups: u32,
+        announce: bool,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        if !config_path(dir, 1).exists() {
+            write_configs(dir, base_port, data_groups)?;
+        }
+        let mut children = Vec::new();
+        let mut grpc = Vec::new();
+        for &id in &NODE_IDS {
+            let cfg = NodeConfig::load(&config_path(dir, id))?;
+            let child = spawn_node(dir, id)?;
+            if announce {
+                println!(
+                    "node {id} pid={} grpc={}",
+                    child.id().unwrap_or(0),
+                    cfg.grpc_listen
+                );
+            }
+            grpc.push(format!("http://{}", cfg.grpc_listen));
+            children.push((id, Some(child)));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            children,
+            grpc,
+        })
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_ready(&self.grpc[0], timeout).await
+    }
+
+    /// Reports children that exited since the last call.
+    fn reap(&mut self) {
+        for (id, slot) in self.children.iter_mut() {
+            if let Some(child) = slot {
+                if let Ok(Some(status)) = child.try_wait() {
+                    println!(
+                        "node {id} exited: {status} (restart it with: meridian node --config {})",
+                        config_path(&self.dir, *id).display()
+                    );
+                    *slot = None;
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to every child, SIGKILL after 10 s.
+    pub async fn stop(&mut self, announce: bool) {
+        for (id, slot) in self.children.iter_mut() {
+            if let Some(child) = slot {
+                if let Some(pid) = child.id() {
+                    // SAFETY: plain kill(2) on our own child's pid.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+                if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+                if announce {
+                    println!("node {id} stopped");
+                }
+            }
+            *slot = None;
+        }
+    }
+}
+
+/// A base port such that base+1..=base+3 are free on loopback right now.
+pub fn free_base_port() -> u16 {
+    for _ in 0..100 {
+        let base = 20_000 + (rand::random::<u16>() % 30_000);
+        let free = (1..=3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    DEFAULT_BASE_PORT
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let dir = match &args.data_dir {
         Some(d) => d.clone(),
@@ -133,27 +229,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .tempdir()?
             .keep(),
     };
-    std::fs::create_dir_all(&dir)?;
-    if !config_path(&dir, 1).exists() {
-        write_configs(&dir, &args)?;
-    }
     println!("data-dir {}", dir.display());
-    let mut children = Vec::new();
-    let mut grpc = Vec::new();
-    for &id in &NODE_IDS {
-        let cfg = NodeConfig::load(&config_path(&dir, id))?;
-        let child = spawn_node(&dir, id)?;
-        println!(
-            "node {id} pid={} grpc={}",
-            child.id().unwrap_or(0),
-            cfg.grpc_listen
-        );
-        grpc.push(format!("http://{}", cfg.grpc_listen));
-        children.push((id, Some(child)));
+    let mut region = LocalRegion::launch(&dir, args.base_port, args.data_groups, true)?;
+    if let Err(e) = region
+        .wait_ready(Duration::from_secs(args.ready_timeout))
+        .await
+    {
+        region.stop(true).await;
+        return Err(e);
     }
-    wait_ready(&grpc[0], Duration::from_secs(args.ready_timeout)).await?;
-    let _ = std::fs::write(crate::client::dev_endpoint_file(), &grpc[0]);
-    println!("ready grpc={} data-dir={}", grpc[0], dir.display());
+    let _ = std::fs::write(crate::client::dev_endpoint_file(), &region.grpc[0]);
+    println!("ready grpc={} data-dir={}", region.grpc[0], dir.display());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
@@ -161,34 +247,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = poll.tick() => {
-                for (id, slot) in children.iter_mut() {
-                    if let Some(child) = slot {
-                        if let Ok(Some(status)) = child.try_wait() {
-                            println!("node {id} exited: {status} (restart it with: meridian node --config {})",
-                                config_path(&dir, *id).display());
-                            *slot = None;
-                        }
-                    }
-                }
-            }
+            _ = poll.tick() => region.reap(),
         }
     }
-    for (id, slot) in children.iter_mut() {
-        if let Some(child) = slot {
-            if let Some(pid) = child.id() {
-                // SAFETY: plain kill(2) on our own child's pid.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
-            println!("node {id} stopped");
-        }
-    }
+    region.stop(true).await;
     let _ = std::fs::remove_file(crate::client::dev_endpoint_file());
     Ok(())
 }

@@ -1,5 +1,9 @@
 //! `meridian`: run a node or a local dev region, and administer and use queues from the shell.
 
+// tonic::Status is a large error type we do not control.
+#![allow(clippy::result_large_err)]
+
+mod bench;
 mod client;
 mod dev;
 
@@ -77,6 +81,8 @@ enum Cmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Load generator: the peerbench workloads W1-W3 against a region (or a local one it starts).
+    Bench(bench::BenchArgs),
     /// Region membership and, per Raft group, leader, term and applied index on every node.
     Cluster {
         #[command(subcommand)]
@@ -117,6 +123,7 @@ fn main() -> ExitCode {
                 run_node(config).await
             }
             Cmd::Dev(args) => dev::run(args).await,
+            Cmd::Bench(args) => bench::run(args).await,
             Cmd::Queue { cmd, endpoint } => client::queue(cmd, &endpoint).await,
             Cmd::Send {
                 queue,

@@ -229,7 +229,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         *self.shared.state.write().expect("state lock") = body.state;
         *self.shared.applied.write().expect("applied lock") =
             (meta.last_log_id, meta.last_membership.clone());
-        self.shared.snapshots_installed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .snapshots_installed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
