@@ -1,6 +1,7 @@
 //! Meridian's wire contracts: the gRPC definitions, CMQ error codes, and the validation rules and
 //! limits of the CMQ queue model that every front end shares.
 
+pub mod cmq_http;
 pub mod error;
 pub mod limits;
 

@@ -84,6 +84,16 @@ pub enum Op {
     },
     /// Housekeeping: retention expiry, rewind-window ends and time-to-live dead-lettering.
     Tick,
+    /// Metadata group: an API key pair for the CMQ HTTP API, owned by tenant `app_id`.
+    /// The leader generates the secrets; the command carries them so replicas agree.
+    CreateCredential {
+        secret_id: String,
+        secret_key: String,
+        app_id: u64,
+    },
+    RevokeCredential {
+        secret_id: String,
+    },
 }
 
 /// What applying a command produced; errors are results too (they are deterministic).

@@ -32,6 +32,34 @@ pub struct NodeConfig {
     /// Raft timing and log compaction.
     #[serde(default)]
     pub raft: RaftConfig,
+    /// The CMQ-compatible HTTP(S) API.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the CMQ HTTP API listener; absent disables the HTTP API.
+    pub listen: Option<SocketAddr>,
+    /// Accepted difference between a request's Timestamp and this node's clock, seconds.
+    /// Nonces are remembered for this long to reject replays.
+    pub timestamp_skew_seconds: u64,
+    /// PEM certificate chain; with `tls_key`, the listener serves HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key matching `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            timestamp_skew_seconds: 300,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +141,9 @@ impl NodeConfig {
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
             return bad("raft.election_timeout_min_ms must exceed twice heartbeat_ms".into());
         }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return bad("http.tls_cert and http.tls_key must be given together".into());
+        }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed election_timeout_min_ms".into());
         }
@@ -141,6 +172,7 @@ mod tests {
                 addr: "127.0.0.1:7000".into(),
             }],
             raft: RaftConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 

@@ -55,6 +55,7 @@ pub enum GroupRequest {
     DeadLetterSources {
         dlq: QueueKey,
     },
+    ListCredentials,
 }
 
 impl GroupRequest {
@@ -75,6 +76,8 @@ pub enum GroupReply {
     Queue(QueueView),
     /// `(name, queue_id)` pairs.
     Queues(Vec<(String, String)>),
+    /// Credentials without their secret keys: `(secret_id, app_id, created_ms, revoked)`.
+    Credentials(Vec<(String, u64, i64, bool)>),
 }
 
 /// A queue's attributes and counters as GetQueueAttributes reports them.
@@ -360,6 +363,13 @@ impl RegionNode {
                             .map(|q| (q.name.clone(), q.queue_id.clone()))
                             .collect(),
                     ),
+                    GroupRequest::ListCredentials => GroupReply::Credentials(
+                        state
+                            .credentials
+                            .iter()
+                            .map(|(id, c)| (id.clone(), c.app_id, c.created_ms, c.revoked))
+                            .collect(),
+                    ),
                     GroupRequest::Write(_) | GroupRequest::Receive { .. } => unreachable!(),
                 })
             }
@@ -521,6 +531,17 @@ impl RegionNode {
         if let Some(upto) = done {
             let _ = self.propose(g, Op::AckTransfers { upto }).await;
         }
+    }
+
+    /// A credential from this node's copy of the metadata group (may lag the leader by the
+    /// replication delay; revocation takes effect within it).
+    pub fn credential(&self, secret_id: &str) -> Option<crate::queue::Credential> {
+        let state = self.groups[META_GROUP as usize]
+            .shared
+            .state
+            .read()
+            .expect("state lock");
+        state.credentials.get(secret_id).cloned()
     }
 
     pub async fn shutdown(&self) {

@@ -10,8 +10,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::NodeConfig;
 use crate::error::NodeError;
-use crate::grpc::{ClusterApi, QueueApi, RaftTransportService};
+use crate::grpc::{ClusterApi, CredentialApi, QueueApi, RaftTransportService};
 use crate::node::RegionNode;
+use meridian_api::pb::credential_service_server::CredentialServiceServer;
 
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -23,6 +24,10 @@ pub async fn run(
     let listener = TcpListener::bind(config.grpc_listen)
         .await
         .map_err(|e| NodeError::Network(format!("bind {}: {e}", config.grpc_listen)))?;
+    let http_listener = match config.http.listen {
+        Some(addr) => Some(crate::http::bind(addr).await?),
+        None => None,
+    };
     let node = RegionNode::start(config).await?;
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -32,16 +37,35 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            QueueServiceServer::new(QueueApi { node: node.clone() })
-                .max_decoding_message_size(MAX_MESSAGE),
+            QueueServiceServer::new(QueueApi {
+                ops: crate::ops::QueueOps::new(node.clone()),
+            })
+            .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(ClusterServiceServer::new(ClusterApi { node: node.clone() }))
+        .add_service(CredentialServiceServer::new(CredentialApi {
+            ops: crate::ops::QueueOps::new(node.clone()),
+        }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     let serving = tokio::spawn(server);
+    let http = match http_listener {
+        Some(listener) => {
+            let api = Arc::new(crate::http::HttpApi::new(
+                crate::ops::QueueOps::new(node.clone()),
+                node.config.http.timestamp_skew_seconds,
+            ));
+            let task = tokio::spawn(crate::http::serve(api, listener));
+            Some(task)
+        }
+        None => None,
+    };
     node.bootstrap_if_configured().await?;
     node.spawn_background();
     tracing::info!(node = node.id, addr = %node.config.grpc_listen, "node serving");
     let result = serving.await;
+    if let Some(h) = http {
+        h.abort();
+    }
     node.shutdown().await;
     match result {
         Ok(Ok(())) => Ok(()),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use meridian_api::pb::cluster_service_client::ClusterServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::{ClusterStatusReply, Empty, ListQueueRequest};
-use meridian_region_node::config::{MemberConfig, NodeConfig, RaftConfig};
+use meridian_region_node::config::{HttpConfig, MemberConfig, NodeConfig, RaftConfig};
 use tonic::transport::Channel;
 
 /// The `meridian` binary built alongside the tests (target/<profile>/meridian).
@@ -84,6 +84,10 @@ impl Region {
                 bootstrap: m.id == 1,
                 members: members.clone(),
                 raft: raft.clone(),
+                http: HttpConfig {
+                    listen: Some(format!("127.0.0.1:{}", free_port()).parse().unwrap()),
+                    ..Default::default()
+                },
             };
             let config_path = node_dir.join("node.toml");
             std::fs::write(&config_path, cfg.to_toml()).unwrap();

@@ -3,6 +3,7 @@
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use meridian_api::pb::cluster_service_client::ClusterServiceClient;
+use meridian_api::pb::credential_service_client::CredentialServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::*;
 use meridian_api::CmqError;
@@ -291,6 +292,60 @@ pub async fn delete(ep: &Endpoint, queue: &str, handle: String) -> anyhow::Resul
         })
         .await
         .map_err(cmq)?;
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum CredentialCmd {
+    /// Create a key pair; prints `secret_id=<id> secret_key=<key>` (the key is shown only once).
+    Create {
+        /// The tenant owning the key; queues are scoped per app id (gRPC uses app id 0).
+        #[arg(long, default_value_t = 0)]
+        app_id: u64,
+    },
+    /// List SecretIds with their app ids (never the keys).
+    List,
+    /// Revoke a SecretId: its requests are refused from then on.
+    Revoke { secret_id: String },
+}
+
+pub async fn credential(cmd: CredentialCmd, ep: &Endpoint) -> anyhow::Result<()> {
+    let mut c = CredentialServiceClient::new(channel(ep).await?);
+    match cmd {
+        CredentialCmd::Create { app_id } => {
+            let r = c
+                .create_credential(CreateCredentialRequest { app_id })
+                .await
+                .map_err(cmq)?;
+            let r = r.into_inner();
+            println!(
+                "secret_id={} secret_key={} app_id={}",
+                r.secret_id, r.secret_key, r.app_id
+            );
+        }
+        CredentialCmd::List => {
+            for cr in c
+                .list_credentials(Empty {})
+                .await
+                .map_err(cmq)?
+                .into_inner()
+                .credentials
+            {
+                println!(
+                    "{} app_id={} created={}{}",
+                    cr.secret_id,
+                    cr.app_id,
+                    cr.create_time,
+                    if cr.revoked { " revoked" } else { "" }
+                );
+            }
+        }
+        CredentialCmd::Revoke { secret_id } => {
+            c.revoke_credential(RevokeCredentialRequest { secret_id })
+                .await
+                .map_err(cmq)?;
+        }
+    }
     Ok(())
 }
 

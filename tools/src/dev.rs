@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use meridian_api::pb::cluster_service_client::ClusterServiceClient;
+use meridian_api::pb::credential_service_client::CredentialServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
-use meridian_api::pb::{Empty, ListQueueRequest};
-use meridian_region_node::config::{MemberConfig, NodeConfig, RaftConfig};
+use meridian_api::pb::{CreateCredentialRequest, Empty, ListQueueRequest};
+use meridian_region_node::config::{HttpConfig, MemberConfig, NodeConfig, RaftConfig};
 use rand::RngCore;
 use tokio::process::{Child, Command};
 
@@ -23,7 +24,7 @@ pub struct DevArgs {
     /// An existing directory with configs is reused (its region restarts with its data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Node <id> serves gRPC on base-port + id.
+    /// Node <id> serves gRPC on base-port + id and the CMQ HTTP API on base-port + 10 + id.
     #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
     base_port: u16,
     /// Number of data groups (besides the metadata group).
@@ -58,6 +59,10 @@ fn write_configs(dir: &Path, base_port: u16, data_groups: u32) -> anyhow::Result
             bootstrap: id == 1,
             members: members.clone(),
             raft: RaftConfig::default(),
+            http: HttpConfig {
+                listen: Some(format!("127.0.0.1:{}", base_port + 10 + id as u16).parse()?),
+                ..Default::default()
+            },
         };
         let path = config_path(dir, id);
         std::fs::create_dir_all(path.parent().expect("has parent"))?;
@@ -131,6 +136,8 @@ pub struct LocalRegion {
     children: Vec<(u64, Option<Child>)>,
     /// gRPC endpoints by node, `http://127.0.0.1:<port>`.
     pub grpc: Vec<String>,
+    /// CMQ HTTP API endpoints by node.
+    pub http: Vec<String>,
 }
 
 impl LocalRegion {
@@ -147,6 +154,7 @@ impl LocalRegion {
         }
         let mut children = Vec::new();
         let mut grpc = Vec::new();
+        let mut http = Vec::new();
         for &id in &NODE_IDS {
             let cfg = NodeConfig::load(&config_path(dir, id))?;
             let child = spawn_node(dir, id)?;
@@ -158,13 +166,38 @@ impl LocalRegion {
                 );
             }
             grpc.push(format!("http://{}", cfg.grpc_listen));
+            if let Some(h) = cfg.http.listen {
+                http.push(format!("http://{h}"));
+            }
             children.push((id, Some(child)));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             children,
             grpc,
+            http,
         })
+    }
+
+    /// The region's credential for app id 0 (the gRPC tenant), created on first use and kept
+    /// in the data directory so a restarted dev region prints the same one.
+    pub async fn dev_credential(&self) -> anyhow::Result<(String, String)> {
+        let path = self.dir.join("dev-credential");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Some((id, key)) = text.trim().split_once(' ') {
+                return Ok((id.to_string(), key.to_string()));
+            }
+        }
+        let ch = tonic::transport::Endpoint::from_shared(self.grpc[0].clone())?
+            .connect()
+            .await?;
+        let r = CredentialServiceClient::new(ch)
+            .create_credential(CreateCredentialRequest { app_id: 0 })
+            .await
+            .map_err(|s| anyhow::anyhow!("create the dev credential: {}", s.message()))?
+            .into_inner();
+        std::fs::write(&path, format!("{} {}", r.secret_id, r.secret_key))?;
+        Ok((r.secret_id, r.secret_key))
     }
 
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -213,7 +246,9 @@ impl LocalRegion {
 pub fn free_base_port() -> u16 {
     for _ in 0..100 {
         let base = 20_000 + (rand::random::<u16>() % 30_000);
-        let free = (1..=3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        let free = (1..=3)
+            .chain(11..=13)
+            .all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
         if free {
             return base;
         }
@@ -238,8 +273,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         region.stop(true).await;
         return Err(e);
     }
+    let (secret_id, secret_key) = match region.dev_credential().await {
+        Ok(c) => c,
+        Err(e) => {
+            region.stop(true).await;
+            return Err(e);
+        }
+    };
     let _ = std::fs::write(crate::client::dev_endpoint_file(), &region.grpc[0]);
-    println!("ready grpc={} data-dir={}", region.grpc[0], dir.display());
+    println!(
+        "ready grpc={} http={} secret_id={} secret_key={} data-dir={}",
+        region.grpc[0],
+        region.http[0],
+        secret_id,
+        secret_key,
+        dir.display()
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));

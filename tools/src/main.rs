@@ -83,6 +83,13 @@ enum Cmd {
     },
     /// Load generator: the peerbench workloads W1-W3 against a region (or a local one it starts).
     Bench(bench::BenchArgs),
+    /// Create, list and revoke SecretId/SecretKey pairs for the CMQ HTTP API.
+    Credential {
+        #[command(subcommand)]
+        cmd: client::CredentialCmd,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Region membership and, per Raft group, leader, term and applied index on every node.
     Cluster {
         #[command(subcommand)]
@@ -143,6 +150,7 @@ fn main() -> ExitCode {
                 receipt_handle,
                 endpoint,
             } => client::delete(&endpoint, &queue, receipt_handle).await,
+            Cmd::Credential { cmd, endpoint } => client::credential(cmd, &endpoint).await,
             Cmd::Cluster {
                 cmd: ClusterCmd::Status,
                 endpoint,

@@ -21,6 +21,16 @@ pub struct OutboxEntry {
     pub body: Vec<u8>,
 }
 
+/// A CMQ API key pair (metadata group only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    pub secret_key: String,
+    /// The tenant: queues are scoped per app id.
+    pub app_id: u64,
+    pub created_ms: i64,
+    pub revoked: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupState {
     pub group: u32,
@@ -38,6 +48,8 @@ pub struct GroupState {
     /// The latest command time applied. Commands are applied at no earlier time than this, so
     /// a leader whose clock steps back cannot make messages visible early or unexpire them.
     pub clock_ms: i64,
+    /// CMQ API credentials by SecretId (metadata group only).
+    pub credentials: BTreeMap<String, Credential>,
 }
 
 impl GroupState {
@@ -53,6 +65,7 @@ impl GroupState {
             next_transfer_id: 1,
             transfers_applied: BTreeMap::new(),
             clock_ms: 0,
+            credentials: BTreeMap::new(),
         }
     }
 
@@ -134,6 +147,36 @@ impl GroupState {
                     .retain(|_, &mut at| at + NAME_REUSE_DELAY_MS > now);
                 Ok(OpResult::Done)
             }
+            Op::CreateCredential {
+                secret_id,
+                secret_key,
+                app_id,
+            } => {
+                if self.credentials.contains_key(secret_id) {
+                    return OpResult::Failed(CmqError::invalid(10000, "SecretId already exists"));
+                }
+                self.credentials.insert(
+                    secret_id.clone(),
+                    Credential {
+                        secret_key: secret_key.clone(),
+                        app_id: *app_id,
+                        created_ms: now,
+                        revoked: false,
+                    },
+                );
+                Ok(OpResult::Done)
+            }
+            Op::RevokeCredential { secret_id } => match self.credentials.get_mut(secret_id) {
+                Some(c) => {
+                    c.revoked = true;
+                    Ok(OpResult::Done)
+                }
+                None => Err(CmqError::new(
+                    CmqCode::NotFound,
+                    10270,
+                    format!("SecretId {secret_id:?} does not exist"),
+                )),
+            },
         };
         r.unwrap_or_else(OpResult::Failed)
     }

@@ -3,7 +3,7 @@
 mod group;
 mod model;
 
-pub use group::{GroupState, OutboxEntry};
+pub use group::{Credential, GroupState, OutboxEntry};
 pub use model::{Message, Queue, QueueCounters};
 
 #[cfg(test)]

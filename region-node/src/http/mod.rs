@@ -1,0 +1,146 @@
+//! The CMQ-compatible HTTP action API (reference §2–§5, §12): any path, GET or POST, form
+//! bodies whatever the Content-Type, HMAC signatures, JSON replies always with HTTP 200.
+
+mod actions;
+mod auth;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use meridian_api::cmq_http::{error_reply, parse_form, Params};
+use meridian_api::CmqError;
+use tokio::net::TcpListener;
+
+use crate::error::NodeError;
+use crate::ops::QueueOps;
+
+pub use auth::NonceCache;
+
+/// Largest request accepted (CMQ: 1 MB, error 4000/10420).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+pub struct HttpApi {
+    pub ops: QueueOps,
+    pub nonces: NonceCache,
+    pub skew_seconds: u64,
+    next_request: AtomicU64,
+    node_id: u64,
+}
+
+impl HttpApi {
+    pub fn new(ops: QueueOps, skew_seconds: u64) -> Self {
+        let node_id = ops.node.id;
+        Self {
+            ops,
+            nonces: NonceCache::default(),
+            skew_seconds,
+            next_request: AtomicU64::new(1),
+            node_id,
+        }
+    }
+
+    fn request_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.node_id,
+            self.next_request.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Handles one request; every outcome is an HTTP 200 JSON reply.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let request_id = self.request_id();
+        let reply = match self.process(req, &request_id).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(request_id, code = e.code.as_u32(), "CMQ error: {e}");
+                error_reply(&e, &request_id)
+            }
+        };
+        Response::builder()
+            .status(200)
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(Full::new(Bytes::from(reply.to_string())))
+            .expect("static response parts are valid")
+    }
+
+    async fn process(
+        &self,
+        req: Request<Incoming>,
+        request_id: &str,
+    ) -> Result<serde_json::Value, CmqError> {
+        let (parts, body) = req.into_parts();
+        let raw: Bytes = match parts.method {
+            Method::GET => Bytes::copy_from_slice(parts.uri.query().unwrap_or("").as_bytes()),
+            // POST: the form body, whatever the Content-Type; the query string is ignored.
+            Method::POST => Limited::new(body, MAX_REQUEST_BYTES)
+                .collect()
+                .await
+                .map_err(|_| {
+                    CmqError::invalid(10420, format!("request exceeds {MAX_REQUEST_BYTES} bytes"))
+                })?
+                .to_bytes(),
+            _ => return Err(CmqError::invalid(10410, "only GET and POST are supported")),
+        };
+        if raw.len() > MAX_REQUEST_BYTES {
+            return Err(CmqError::invalid(
+                10420,
+                format!("request exceeds {MAX_REQUEST_BYTES} bytes"),
+            ));
+        }
+        let params: Params = parse_form(&raw)?;
+        let action = params.required("Action")?.to_string();
+        let host = parts
+            .headers
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let tenant =
+            auth::authenticate(self, parts.method.as_str(), host, parts.uri.path(), &params)?;
+        actions::dispatch(&self.ops, &tenant, &action, &params, request_id).await
+    }
+}
+
+/// Binds the HTTP listener (separately, so a bad address fails the node's start).
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(listen)
+        .await
+        .map_err(|e| NodeError::Network(format!("bind HTTP {listen}: {e}")))
+}
+
+/// Serves the HTTP API until the task is aborted.
+pub async fn serve(api: Arc<HttpApi>, listener: TcpListener) {
+    tracing::info!(listen = ?listener.local_addr().ok(), "CMQ HTTP API serving");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!("HTTP connection: {e}");
+            }
+        });
+    }
+}
