@@ -43,6 +43,7 @@ pub struct NodeProc {
     pub id: u64,
     pub config_path: PathBuf,
     pub addr: String,
+    pub http_addr: String,
     pub child: Option<Child>,
 }
 
@@ -73,6 +74,7 @@ impl Region {
             .collect();
         let mut nodes = Vec::new();
         for m in &members {
+            let http_addr = format!("127.0.0.1:{}", free_port());
             let node_dir = dir.path().join(format!("node{}", m.id));
             std::fs::create_dir_all(&node_dir).unwrap();
             let cfg = NodeConfig {
@@ -85,7 +87,7 @@ impl Region {
                 members: members.clone(),
                 raft: raft.clone(),
                 http: HttpConfig {
-                    listen: Some(format!("127.0.0.1:{}", free_port()).parse().unwrap()),
+                    listen: Some(http_addr.parse().unwrap()),
                     ..Default::default()
                 },
             };
@@ -95,6 +97,7 @@ impl Region {
                 id: m.id,
                 config_path,
                 addr: m.addr.clone(),
+                http_addr,
                 child: None,
             });
         }
@@ -153,6 +156,16 @@ impl Region {
     pub fn endpoint(&self, id: u64) -> String {
         let n = self.nodes.iter().find(|n| n.id == id).expect("node id");
         format!("http://{}", n.addr)
+    }
+
+    /// `host:port` of node `id`'s CMQ HTTP API.
+    pub fn http_addr(&self, id: u64) -> String {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("node id")
+            .http_addr
+            .clone()
     }
 
     pub fn live_ids(&self) -> Vec<u64> {
