@@ -268,3 +268,123 @@ impl Drop for Region {
 pub fn cmq_code(s: &tonic::Status) -> u32 {
     meridian_api::CmqError::from_status(s).code.as_u32()
 }
+
+/// A minimal HTTP/1.1 client on one keep-alive connection, for sending exactly the bytes a test
+/// wants (malformed forms, odd methods) and checking the connection survives.
+pub struct RawHttp {
+    stream: std::io::BufReader<std::net::TcpStream>,
+    pub host: String,
+}
+
+impl RawHttp {
+    pub fn connect(addr: &str) -> RawHttp {
+        let s = std::net::TcpStream::connect(addr).expect("connect HTTP");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        RawHttp {
+            stream: std::io::BufReader::new(s),
+            host: addr.to_string(),
+        }
+    }
+
+    /// Sends one request and returns (status, body). Panics if the connection was dropped.
+    pub fn request(&mut self, method: &str, target: &str, body: &[u8]) -> (u16, String) {
+        use std::io::{BufRead, Read, Write};
+        let head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let s = self.stream.get_mut();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut status_line = String::new();
+        self.stream
+            .read_line(&mut status_line)
+            .expect("read status line");
+        assert!(!status_line.is_empty(), "connection closed by the server");
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).unwrap();
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut buf = vec![0; len];
+        self.stream.read_exact(&mut buf).unwrap();
+        (status, String::from_utf8(buf).unwrap())
+    }
+}
+
+/// A signed CMQ form for `params` (Timestamp, Nonce, SecretId and Signature added).
+pub fn signed_form(
+    params: &[(&str, &str)],
+    secret_id: &str,
+    secret_key: &str,
+    method: &str,
+    host: &str,
+    path: &str,
+) -> String {
+    use meridian_api::cmq_http::{sign, string_to_sign, Params, SignatureMethod};
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let nonce = rand::random::<u32>().to_string();
+    let mut pairs: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if !pairs.iter().any(|(k, _)| k == "Timestamp") {
+        pairs.push(("Timestamp".into(), ts.to_string()));
+    }
+    if !pairs.iter().any(|(k, _)| k == "Nonce") {
+        pairs.push(("Nonce".into(), nonce));
+    }
+    pairs.push(("SecretId".into(), secret_id.into()));
+    let p = Params {
+        pairs: pairs.clone(),
+    };
+    let method_kind = SignatureMethod::from_param(
+        params
+            .iter()
+            .find(|(k, _)| *k == "SignatureMethod")
+            .map(|(_, v)| *v),
+    );
+    let sig = sign(
+        secret_key,
+        method_kind,
+        &string_to_sign(method, host, path, &p, false),
+    );
+    pairs.push(("Signature".into(), sig));
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
