@@ -28,6 +28,10 @@ pub async fn run(
         Some(addr) => Some(crate::http::bind(addr).await?),
         None => None,
     };
+    let tls = match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::http::tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let node = RegionNode::start(config).await?;
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -54,7 +58,7 @@ pub async fn run(
                 crate::ops::QueueOps::new(node.clone()),
                 node.config.http.timestamp_skew_seconds,
             ));
-            let task = tokio::spawn(crate::http::serve(api, listener));
+            let task = tokio::spawn(crate::http::serve(api, listener, tls));
             Some(task)
         }
         None => None,

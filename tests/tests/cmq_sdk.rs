@@ -19,8 +19,8 @@ fn run(cmd: &mut Command, what: &str) -> String {
     text
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn official_python_sdk_drives_the_queue_api() {
+/// A virtualenv with the official SDK installed from PyPI.
+fn sdk_venv() -> tempfile::TempDir {
     let venv = tempfile::tempdir().unwrap();
     run(
         Command::new("python3")
@@ -38,6 +38,12 @@ async fn official_python_sdk_drives_the_queue_api() {
         ]),
         "pip install qcloud-cmq-sdk-py3",
     );
+    venv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_sdk_drives_the_queue_api() {
+    let venv = sdk_venv();
 
     let region = Region::start(3, 2).await;
     let mut creds = CredentialServiceClient::new(region.channel(1).await.unwrap());
@@ -91,4 +97,81 @@ async fn official_python_sdk_drives_the_queue_api() {
     );
     assert!(out.contains("OK "), "{out}");
     eprintln!("{}", out.trim());
+}
+
+const HTTPS_SCRIPT: &str = r#"
+import sys
+from cmq.account import Account
+from cmq.queue import Message, QueueMeta
+acct = Account(sys.argv[1], sys.argv[2], sys.argv[3])
+q = acct.get_queue("tls-q")
+q.create(QueueMeta())
+q.send_message(Message("over https"))
+m = q.receive_message(5)
+assert m.msgBody == "over https", m.msgBody
+q.delete_message(m.receiptHandle)
+print("HTTPS OK")
+"#;
+
+/// `meridian dev --tls` serves the CMQ API over HTTPS with a generated CA; the SDK works when
+/// it trusts that CA and refuses the connection when it does not.
+#[test]
+fn official_python_sdk_over_https_with_dev_tls() {
+    use std::io::{BufRead, BufReader};
+    let venv = sdk_venv();
+    let dir = tempfile::tempdir().unwrap();
+    let base = 20_000 + (rand::random::<u16>() % 30_000);
+    let mut dev = Command::new(meridian_tests::meridian_bin())
+        .args(["dev", "--tls", "--data-dir"])
+        .arg(dir.path().join("region"))
+        .args(["--base-port", &base.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    let ready = loop {
+        let line = lines.next().expect("dev exited before ready").unwrap();
+        if line.starts_with("ready ") {
+            break line;
+        }
+    };
+    let field = |k: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {k}= in {ready}"))
+    };
+    let (http, id, key, ca) = (
+        field("http"),
+        field("secret_id"),
+        field("secret_key"),
+        field("ca"),
+    );
+    assert!(http.starts_with("https://"), "{ready}");
+    let scratch = tempfile::tempdir().unwrap();
+    let python = venv.path().join("bin/python");
+    let trusted = Command::new(&python)
+        .args(["-c", HTTPS_SCRIPT, &http, &id, &key])
+        .env("SSL_CERT_FILE", &ca)
+        .current_dir(scratch.path())
+        .output()
+        .unwrap();
+    let untrusted = Command::new(&python)
+        .args(["-c", HTTPS_SCRIPT, &http, &id, &key])
+        .env_remove("SSL_CERT_FILE")
+        .current_dir(scratch.path())
+        .output()
+        .unwrap();
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe { libc::kill(dev.id() as i32, libc::SIGTERM) };
+    let _ = dev.wait();
+    assert!(
+        trusted.status.success() && String::from_utf8_lossy(&trusted.stdout).contains("HTTPS OK"),
+        "{trusted:?}"
+    );
+    assert!(
+        !untrusted.status.success(),
+        "a client that does not trust the dev CA must fail"
+    );
 }

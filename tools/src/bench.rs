@@ -606,6 +606,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 crate::dev::free_base_port(),
                 3,
                 false,
+                false,
             )?;
             region.wait_ready(Duration::from_secs(60)).await?;
             if !args.json {

@@ -33,13 +33,47 @@ pub struct DevArgs {
     /// Give up if the region is not ready within this many seconds.
     #[arg(long, default_value_t = 60)]
     ready_timeout: u64,
+    /// Serve the CMQ HTTP API over HTTPS with a generated local CA (printed as `ca=`); applies
+    /// when the data directory is new.
+    #[arg(long)]
+    tls: bool,
 }
 
 fn config_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node{id}")).join("node.toml")
 }
 
-fn write_configs(dir: &Path, base_port: u16, data_groups: u32) -> anyhow::Result<()> {
+/// Writes a local CA and a certificate for 127.0.0.1/localhost signed by it (rcgen, aws-lc-rs);
+/// returns (ca, cert, key) paths.
+fn write_dev_tls(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Meridian dev CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "meridian dev node");
+    let leaf_key = KeyPair::generate()?;
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key)?;
+    let paths = (
+        tls.join("ca.pem"),
+        tls.join("node.crt"),
+        tls.join("node.key"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem())?;
+    std::fs::write(&paths.1, leaf_cert.pem())?;
+    std::fs::write(&paths.2, leaf_key.serialize_pem())?;
+    Ok(paths)
+}
+
+fn write_configs(dir: &Path, base_port: u16, data_groups: u32, tls: bool) -> anyhow::Result<()> {
+    let tls_files = if tls { Some(write_dev_tls(dir)?) } else { None };
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let members: Vec<MemberConfig> = NODE_IDS
@@ -61,6 +95,8 @@ fn write_configs(dir: &Path, base_port: u16, data_groups: u32) -> anyhow::Result
             raft: RaftConfig::default(),
             http: HttpConfig {
                 listen: Some(format!("127.0.0.1:{}", base_port + 10 + id as u16).parse()?),
+                tls_cert: tls_files.as_ref().map(|t| t.1.clone()),
+                tls_key: tls_files.as_ref().map(|t| t.2.clone()),
                 ..Default::default()
             },
         };
@@ -146,11 +182,12 @@ impl LocalRegion {
         dir: &Path,
         base_port: u16,
         data_groups: u32,
+        tls: bool,
         announce: bool,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         if !config_path(dir, 1).exists() {
-            write_configs(dir, base_port, data_groups)?;
+            write_configs(dir, base_port, data_groups, tls)?;
         }
         let mut children = Vec::new();
         let mut grpc = Vec::new();
@@ -167,7 +204,12 @@ impl LocalRegion {
             }
             grpc.push(format!("http://{}", cfg.grpc_listen));
             if let Some(h) = cfg.http.listen {
-                http.push(format!("http://{h}"));
+                let scheme = if cfg.http.tls_cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                http.push(format!("{scheme}://{h}"));
             }
             children.push((id, Some(child)));
         }
@@ -265,7 +307,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .keep(),
     };
     println!("data-dir {}", dir.display());
-    let mut region = LocalRegion::launch(&dir, args.base_port, args.data_groups, true)?;
+    let mut region = LocalRegion::launch(&dir, args.base_port, args.data_groups, args.tls, true)?;
     if let Err(e) = region
         .wait_ready(Duration::from_secs(args.ready_timeout))
         .await
@@ -281,12 +323,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     };
     let _ = std::fs::write(crate::client::dev_endpoint_file(), &region.grpc[0]);
+    let ca = dir.join("tls").join("ca.pem");
+    let ca = if region.http[0].starts_with("https") {
+        format!(" ca={}", ca.display())
+    } else {
+        String::new()
+    };
     println!(
-        "ready grpc={} http={} secret_id={} secret_key={} data-dir={}",
+        "ready grpc={} http={} secret_id={} secret_key={}{} data-dir={}",
         region.grpc[0],
         region.http[0],
         secret_id,
         secret_key,
+        ca,
         dir.display()
     );
 

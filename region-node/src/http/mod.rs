@@ -6,6 +6,7 @@ mod auth;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use meridian_api::cmq_http::{error_reply, parse_form, Params};
 use meridian_api::CmqError;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::error::NodeError;
 use crate::ops::QueueOps;
@@ -116,9 +118,55 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener, NodeError> {
         .map_err(|e| NodeError::Network(format!("bind HTTP {listen}: {e}")))
 }
 
-/// Serves the HTTP API until the task is aborted.
-pub async fn serve(api: Arc<HttpApi>, listener: TcpListener) {
-    tracing::info!(listen = ?listener.local_addr().ok(), "CMQ HTTP API serving");
+/// A TLS acceptor (rustls on the aws-lc-rs provider) from PEM certificate chain and key files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, NodeError> {
+    let err = |what: &str, p: &Path, e: &dyn std::fmt::Display| {
+        NodeError::Config(format!("{what} {}: {e}", p.display()))
+    };
+    let open = |p: &Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .map_err(|e| err("open", p, &e))
+    };
+    let certs = rustls_pemfile::certs(&mut open(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err("read certificates from", cert, &e))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in", cert, &"empty"));
+    }
+    let key_der = rustls_pemfile::private_key(&mut open(key)?)
+        .map_err(|e| err("read private key from", key, &e))?
+        .ok_or_else(|| err("no private key in", key, &"empty"))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| NodeError::Config(format!("TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| NodeError::Config(format!("TLS certificate/key: {e}")))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve_connection<IO>(api: Arc<HttpApi>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(api.handle(req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), svc)
+        .await
+    {
+        tracing::debug!("HTTP connection: {e}");
+    }
+}
+
+/// Serves the HTTP API (HTTPS when `tls` is given) until the task is aborted.
+pub async fn serve(api: Arc<HttpApi>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    tracing::info!(listen = ?listener.local_addr().ok(), https = tls.is_some(), "CMQ HTTP API serving");
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -129,17 +177,14 @@ pub async fn serve(api: Arc<HttpApi>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let api = api.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let api = api.clone();
-                async move { Ok::<_, Infallible>(api.handle(req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!("HTTP connection: {e}");
+            match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => serve_connection(api, s).await,
+                    Err(e) => tracing::debug!("TLS handshake: {e}"),
+                },
+                None => serve_connection(api, stream).await,
             }
         });
     }
