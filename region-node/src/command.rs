@@ -32,6 +32,13 @@ pub struct Command {
     pub op: Op,
 }
 
+/// One Raft log entry: concurrent commands of a group proposed together, so that one append
+/// (and one fsync on each replica) carries many client operations.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CommandBatch {
+    pub commands: Vec<Command>,
+}
+
 /// One receipt handle after its MAC was checked: which receive of which message it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {

@@ -87,6 +87,11 @@ pub struct RaftConfig {
     /// Log entries kept after a snapshot, so briefly lagging followers catch up from the log
     /// instead of a full snapshot transfer.
     pub logs_kept_after_snapshot: u64,
+    /// Most client operations combined into one Raft entry.
+    pub max_batch_commands: usize,
+    /// Raft entries of a group proposed but not yet applied; while they are in flight, new
+    /// operations accumulate into the next batch.
+    pub max_inflight_batches: usize,
 }
 
 impl Default for RaftConfig {
@@ -98,6 +103,8 @@ impl Default for RaftConfig {
             snapshot_after_entries: 20_000,
             max_payload_entries: 512,
             logs_kept_after_snapshot: 1000,
+            max_batch_commands: 256,
+            max_inflight_batches: 2,
         }
     }
 }

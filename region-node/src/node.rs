@@ -9,7 +9,7 @@ use meridian_api::limits::QueueAttributes;
 use meridian_api::raftpb::raft_transport_client::RaftTransportClient;
 use meridian_api::raftpb::GroupMessage;
 use meridian_api::{CmqError, CmqResult};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -20,6 +20,7 @@ use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::placement::{group_of, META_GROUP};
 use crate::raft::network::{decode, encode, NetworkFactory, Peers};
+use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::{NodeId, Raft};
 use crate::receipt::ReceiptSigner;
@@ -31,6 +32,7 @@ const LEADER_WAIT: Duration = Duration::from_secs(10);
 pub struct Group {
     pub id: u32,
     pub raft: Raft,
+    pub proposer: Proposer,
     pub shared: Arc<SharedState>,
 }
 
@@ -151,7 +153,14 @@ impl RegionNode {
             let raft = Raft::new(config.node_id, raft_config.clone(), net, log, sm)
                 .await
                 .map_err(|e| NodeError::Raft(e.to_string()))?;
-            groups.push(Group { id, raft, shared });
+            let proposer =
+                Proposer::start(raft.clone(), r.max_batch_commands, r.max_inflight_batches);
+            groups.push(Group {
+                id,
+                raft,
+                proposer,
+                shared,
+            });
         }
         let secret = hex::decode(&config.cluster_secret).expect("validated");
         Ok(Arc::new(Self {
@@ -393,16 +402,11 @@ impl RegionNode {
             now_ms: self.clock.now_ms(),
             op,
         };
-        match g.raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                OpResult::Failed(e) => Err(ForwardError::Cmq(e)),
-                ok => Ok(ok),
-            },
-            // Not proposed, or truncated before commit: never applied.
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(ForwardError::NotLeader)
-            }
-            Err(e) => Err(ForwardError::Cmq(CmqError::internal(format!(
+        match g.proposer.propose(cmd).await {
+            Ok(OpResult::Failed(e)) => Err(ForwardError::Cmq(e)),
+            Ok(ok) => Ok(ok),
+            Err(ProposeError::NotLeader) => Err(ForwardError::NotLeader),
+            Err(ProposeError::Unknown(e)) => Err(ForwardError::Cmq(CmqError::internal(format!(
                 "group {}: {e}; the outcome is unknown",
                 g.id
             )))),

@@ -7,6 +7,7 @@ use meridian_api::pb::queue_service_server::QueueServiceServer;
 use meridian_api::raftpb::raft_transport_server::RaftTransportServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::config::NodeConfig;
 use crate::error::NodeError;
@@ -33,6 +34,14 @@ pub async fn run(
         _ => None,
     };
     let node = RegionNode::start(config).await?;
+    // With our own listener, tonic's `tcp_nodelay` does not apply: set it per connection, or
+    // Nagle's algorithm holds small Raft replies back for a delayed ACK (~40 ms a round).
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -50,7 +59,7 @@ pub async fn run(
         .add_service(CredentialServiceServer::new(CredentialApi {
             ops: crate::ops::QueueOps::new(node.clone()),
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     let serving = tokio::spawn(server);
     let http = match http_listener {
         Some(listener) => {

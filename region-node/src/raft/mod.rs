@@ -1,19 +1,20 @@
 //! openraft wiring: type configuration, the state machine adapter and the gRPC network.
 
 pub mod network;
+pub mod proposer;
 pub mod state_machine;
 
 use std::io::Cursor;
 
-use crate::command::{Command, OpResult};
+use crate::command::{CommandBatch, OpResult};
 
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
     /// Meridian's Raft types: commands in, results out, snapshots as byte buffers.
     pub TypeConfig:
-        D = Command,
-        R = OpResult,
+        D = CommandBatch,
+        R = Vec<OpResult>,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

@@ -171,7 +171,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(self.shared.applied.read().expect("applied lock").clone())
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StResult<Vec<OpResult>>
+    async fn apply<I>(&mut self, entries: I) -> StResult<Vec<Vec<OpResult>>>
     where
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -184,19 +184,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for entry in entries {
                 applied.0 = Some(entry.log_id);
                 match entry.payload {
-                    EntryPayload::Blank => results.push(OpResult::Done),
-                    EntryPayload::Normal(cmd) => {
-                        match &cmd.op {
-                            Op::Send { key, .. }
-                            | Op::RewindQueue { key, .. }
-                            | Op::Transfer { key, .. } => woken.push(key.clone()),
-                            _ => {}
+                    EntryPayload::Blank => results.push(Vec::new()),
+                    EntryPayload::Normal(batch) => {
+                        let mut out = Vec::with_capacity(batch.commands.len());
+                        for cmd in &batch.commands {
+                            match &cmd.op {
+                                Op::Send { key, .. }
+                                | Op::RewindQueue { key, .. }
+                                | Op::Transfer { key, .. } => woken.push(key.clone()),
+                                _ => {}
+                            }
+                            out.push(state.apply(cmd));
                         }
-                        results.push(state.apply(&cmd));
+                        results.push(out);
                     }
                     EntryPayload::Membership(m) => {
                         applied.1 = StoredMembership::new(Some(entry.log_id), m);
-                        results.push(OpResult::Done);
+                        results.push(Vec::new());
                     }
                 }
             }

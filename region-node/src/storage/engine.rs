@@ -1,10 +1,11 @@
-//! The node's RocksDB instance and its group-commit WAL syncer.
+//! The node's RocksDB instance and its group-commit log writer.
 //!
-//! An append writes its entries to RocksDB *without* sync (so they are readable at once, as
-//! openraft requires) and then queues its completion callback. The syncer thread takes every
-//! queued callback, issues one `FlushWAL(sync = true)`, and only then fires them all: one fsync
-//! covers every entry written before it, from every group. Nothing is acknowledged to openraft —
-//! and so nothing is committed or answered — before that fsync returns.
+//! Every Raft log mutation (append, truncate, purge) of every group is a job queued to one
+//! writer thread. The writer takes all queued jobs, merges them into one `WriteBatch`, writes it
+//! with one WAL fsync, and only then runs each job's completion: many entries from all groups,
+//! one batch, one sync, then every callback. Nothing is reported durable to openraft (and so
+//! nothing is committed or answered) before that fsync returns. The Raft task never blocks on
+//! disk: until the writer has run, a group's `LogStore` serves new entries from memory.
 
 use std::io;
 use std::path::Path;
@@ -20,14 +21,34 @@ pub const CF_LOG: &str = "log";
 pub const CF_META: &str = "meta";
 pub const CF_SNAPSHOT: &str = "snapshot";
 
-type SyncCallback = Box<dyn FnOnce(io::Result<()>) + Send>;
+/// One change to a column family.
+pub enum LogOp {
+    Put {
+        cf: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    DeleteRange {
+        cf: &'static str,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
 
-/// Durability watermarks of the WAL syncer, exported as metrics.
+/// Changes written together, then `done` with the outcome.
+pub struct LogJob {
+    pub ops: Vec<LogOp>,
+    /// Whether the job needs the WAL fsynced before `done` (appends do; purges need not).
+    pub sync: bool,
+    pub done: Box<dyn FnOnce(io::Result<()>) + Send>,
+}
+
+/// Durability watermarks of the log writer, exported as metrics.
 #[derive(Debug, Default)]
 pub struct StorageMetrics {
-    /// WAL fsyncs completed.
+    /// Batches written with a WAL fsync.
     pub wal_syncs: AtomicU64,
-    /// Append callbacks released by those fsyncs (≥ wal_syncs when group commit batches).
+    /// Jobs (appends, truncations, purges) completed by those batches.
     pub synced_appends: AtomicU64,
     /// Total time spent inside fsync, microseconds.
     pub sync_micros: AtomicU64,
@@ -36,7 +57,7 @@ pub struct StorageMetrics {
 
 pub struct Engine {
     db: Arc<DB>,
-    syncer: mpsc::Sender<SyncCallback>,
+    writer: mpsc::Sender<LogJob>,
     pub metrics: Arc<StorageMetrics>,
 }
 
@@ -54,16 +75,16 @@ impl Engine {
             .map_err(|e| NodeError::Storage(format!("open RocksDB at {}: {e}", path.display())))?;
         let db = Arc::new(db);
         let metrics = Arc::new(StorageMetrics::default());
-        let (tx, rx) = mpsc::channel::<SyncCallback>();
-        let sync_db = db.clone();
+        let (tx, rx) = mpsc::channel::<LogJob>();
+        let writer_db = db.clone();
         let m = metrics.clone();
         std::thread::Builder::new()
-            .name("wal-syncer".into())
-            .spawn(move || run_syncer(sync_db, rx, m))
-            .map_err(|e| NodeError::Storage(format!("spawn WAL syncer: {e}")))?;
+            .name("log-writer".into())
+            .spawn(move || run_writer(writer_db, rx, m))
+            .map_err(|e| NodeError::Storage(format!("spawn log writer: {e}")))?;
         Ok(Self {
             db,
-            syncer: tx,
+            writer: tx,
             metrics,
         })
     }
@@ -85,29 +106,53 @@ impl Engine {
         self.db.write_opt(batch, &wo)
     }
 
-    /// Calls `done` once everything written so far is fsynced.
-    pub fn after_sync(&self, done: SyncCallback) {
-        if let Err(mpsc::SendError(done)) = self.syncer.send(done) {
-            done(Err(io::Error::other("WAL syncer stopped")));
+    /// Queues a job for the log writer.
+    pub fn submit(&self, job: LogJob) {
+        if let Err(mpsc::SendError(job)) = self.writer.send(job) {
+            (job.done)(Err(io::Error::other("log writer stopped")));
         }
     }
 }
 
-fn run_syncer(db: Arc<DB>, rx: mpsc::Receiver<SyncCallback>, m: Arc<StorageMetrics>) {
+fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>) {
     while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(rx.try_iter());
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        let mut batch = WriteBatch::default();
+        let mut sync = false;
+        let mut dones = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            sync |= job.sync;
+            for op in job.ops {
+                match op {
+                    LogOp::Put { cf, key, value } => {
+                        batch.put_cf(db.cf_handle(cf).expect("known column family"), key, value)
+                    }
+                    LogOp::DeleteRange { cf, from, to } => batch.delete_range_cf(
+                        db.cf_handle(cf).expect("known column family"),
+                        from,
+                        to,
+                    ),
+                }
+            }
+            dones.push(job.done);
+        }
         let started = Instant::now();
-        let result = db.flush_wal(true);
-        m.sync_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        m.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        let result = db.write_opt(batch, &wo);
+        if sync {
+            m.sync_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            m.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        }
         m.synced_appends
-            .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+            .fetch_add(dones.len() as u64, Ordering::Relaxed);
         if result.is_err() {
             m.sync_errors.fetch_add(1, Ordering::Relaxed);
         }
-        for done in waiting {
+        // In submission order: a truncation's completion runs before later appends'.
+        for done in dones {
             done(result.clone().map_err(|e| io::Error::other(e.to_string())));
         }
     }

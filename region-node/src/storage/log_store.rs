@@ -1,14 +1,19 @@
 //! openraft's log storage for one group, on the node's shared [`Engine`].
+//!
+//! Appends, truncations and purges are queued to the engine's log writer (group commit) and
+//! return at once. Until the writer has applied them, `pending` serves appended entries and
+//! hides entries a queued truncation removes, so readers always see the log openraft expects.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
-use super::engine::{Engine, CF_LOG, CF_META};
+use super::engine::{Engine, LogJob, LogOp, CF_LOG, CF_META};
 use super::group_key;
 use crate::raft::{NodeId, TypeConfig};
 
@@ -16,17 +21,37 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"purged";
 
+/// The part of the log not yet in RocksDB.
+#[derive(Default)]
+struct Pending {
+    /// Appended entries the writer has not written yet.
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    /// Queued truncations (index → count): stored entries at or above the lowest are stale.
+    truncations: BTreeMap<u64, usize>,
+}
+
+impl Pending {
+    fn hidden_from(&self) -> Option<u64> {
+        self.truncations.keys().next().copied()
+    }
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     group: u32,
     engine: Arc<Engine>,
+    pending: Arc<Mutex<Pending>>,
 }
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
 
 impl LogStore {
     pub fn new(group: u32, engine: Arc<Engine>) -> Self {
-        Self { group, engine }
+        Self {
+            group,
+            engine,
+            pending: Arc::default(),
+        }
     }
 
     fn log_key(&self, index: u64) -> Vec<u8> {
@@ -49,9 +74,36 @@ impl LogStore {
         self.engine.write(b, sync).map_err(|e| write_err(&e))
     }
 
-    fn last_entry_log_id(&self) -> StResult<Option<LogId<NodeId>>> {
+    /// Stored entries in `[start, end)` (end exclusive, `None` unbounded), in order.
+    fn stored(&self, start: u64, end: Option<u64>) -> StResult<Vec<Entry<TypeConfig>>> {
         let cf = self.engine.cf(CF_LOG);
-        let upper = group_key(self.group, &u64::MAX.to_be_bytes());
+        let from = self.log_key(start);
+        let mut out = Vec::new();
+        for item in self
+            .engine
+            .db()
+            .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| read_err(&e))?;
+            if !k.starts_with(&self.group.to_be_bytes()) {
+                break;
+            }
+            let index = u64::from_be_bytes(k[4..12].try_into().expect("log keys are 12 bytes"));
+            if end.is_some_and(|e| index >= e) {
+                break;
+            }
+            out.push(bincode::deserialize(&v).map_err(|e| read_err(&e))?);
+        }
+        Ok(out)
+    }
+
+    fn last_stored_below(&self, limit: Option<u64>) -> StResult<Option<LogId<NodeId>>> {
+        let cf = self.engine.cf(CF_LOG);
+        let upper = match limit {
+            Some(0) => return Ok(None),
+            Some(l) => self.log_key(l - 1),
+            None => self.log_key(u64::MAX),
+        };
         let mut it = self
             .engine
             .db()
@@ -64,16 +116,6 @@ impl LogStore {
             Some(Err(e)) => Err(read_err(&e)),
             _ => Ok(None),
         }
-    }
-
-    fn delete_range(&self, from: u64, to_exclusive: u64) -> StResult<()> {
-        let mut b = WriteBatch::default();
-        b.delete_range_cf(
-            self.engine.cf(CF_LOG),
-            self.log_key(from),
-            self.log_key(to_exclusive),
-        );
-        self.engine.write(b, false).map_err(|e| write_err(&e))
     }
 }
 
@@ -95,25 +137,25 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i + 1,
             Bound::Unbounded => 0,
         };
-        let cf = self.engine.cf(CF_LOG);
-        let from = self.log_key(start);
-        let mut out = Vec::new();
-        for item in self
-            .engine
-            .db()
-            .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
-        {
-            let (k, v) = item.map_err(|e| read_err(&e))?;
-            if !k.starts_with(&self.group.to_be_bytes()) {
+        // Pending first, then storage: an entry the writer stores in between is then seen in
+        // one of the two.
+        let (mut merged, hidden_from) = {
+            let p = self.pending.lock().expect("pending lock");
+            let m: BTreeMap<u64, Entry<TypeConfig>> = p
+                .entries
+                .range(range.clone())
+                .map(|(&i, e)| (i, e.clone()))
+                .collect();
+            (m, p.hidden_from())
+        };
+        for e in self.stored(start, hidden_from)? {
+            let i = e.log_id.index;
+            if !range.contains(&i) {
                 break;
             }
-            let index = u64::from_be_bytes(k[4..12].try_into().expect("log keys are 12 bytes"));
-            if !range.contains(&index) {
-                break;
-            }
-            out.push(bincode::deserialize(&v).map_err(|e| read_err(&e))?);
+            merged.entry(i).or_insert(e);
         }
-        Ok(out)
+        Ok(merged.into_values().collect())
     }
 }
 
@@ -122,10 +164,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(KEY_PURGED)?;
-        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        let (pending_last, hidden_from) = {
+            let p = self.pending.lock().expect("pending lock");
+            (
+                p.entries.values().next_back().map(|e| e.log_id),
+                p.hidden_from(),
+            )
+        };
+        let last = match pending_last {
+            Some(l) => Some(l),
+            None => self.last_stored_below(hidden_from)?,
+        };
         Ok(LogState {
             last_purged_log_id,
-            last_log_id,
+            last_log_id: last.or(last_purged_log_id),
         })
     }
 
@@ -159,24 +211,88 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let cf = self.engine.cf(CF_LOG);
-        let mut b = WriteBatch::default();
-        for e in entries {
-            let v = bincode::serialize(&e).map_err(|e| write_err(&e))?;
-            b.put_cf(cf, self.log_key(e.log_id.index), v);
+        let mut ops = Vec::new();
+        let mut ids = Vec::new();
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            for e in entries {
+                let value = bincode::serialize(&e).map_err(|e| write_err(&e))?;
+                ops.push(LogOp::Put {
+                    cf: CF_LOG,
+                    key: self.log_key(e.log_id.index),
+                    value,
+                });
+                ids.push(e.log_id);
+                p.entries.insert(e.log_id.index, e);
+            }
         }
-        self.engine.write(b, false).map_err(|e| write_err(&e))?;
-        self.engine
-            .after_sync(Box::new(move |r| callback.log_io_completed(r)));
+        let pending = self.pending.clone();
+        self.engine.submit(LogJob {
+            ops,
+            sync: true,
+            done: Box::new(move |r| {
+                if r.is_ok() {
+                    let mut p = pending.lock().expect("pending lock");
+                    for id in ids {
+                        // A later truncate-and-reappend may have replaced it: keep that one.
+                        if p.entries.get(&id.index).map(|e| e.log_id) == Some(id) {
+                            p.entries.remove(&id.index);
+                        }
+                    }
+                }
+                callback.log_io_completed(r)
+            }),
+        });
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StResult<()> {
-        self.delete_range(log_id.index, u64::MAX)
+        let index = log_id.index;
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            p.entries.split_off(&index);
+            *p.truncations.entry(index).or_default() += 1;
+        }
+        let pending = self.pending.clone();
+        self.engine.submit(LogJob {
+            ops: vec![LogOp::DeleteRange {
+                cf: CF_LOG,
+                from: self.log_key(index),
+                to: self.log_key(u64::MAX),
+            }],
+            // Not acknowledged by itself: the next append's sync makes it durable, in order.
+            sync: false,
+            done: Box::new(move |_| {
+                let mut p = pending.lock().expect("pending lock");
+                if let Some(n) = p.truncations.get_mut(&index) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.truncations.remove(&index);
+                    }
+                }
+            }),
+        });
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StResult<()> {
-        self.put_meta(KEY_PURGED, &log_id, false)?;
-        self.delete_range(0, log_id.index + 1)
+        let value = bincode::serialize(&log_id).map_err(|e| write_err(&e))?;
+        self.engine.submit(LogJob {
+            ops: vec![
+                LogOp::Put {
+                    cf: CF_META,
+                    key: group_key(self.group, KEY_PURGED),
+                    value,
+                },
+                LogOp::DeleteRange {
+                    cf: CF_LOG,
+                    from: self.log_key(0),
+                    to: self.log_key(log_id.index + 1),
+                },
+            ],
+            sync: false,
+            done: Box::new(|_| {}),
+        });
+        Ok(())
     }
 }
