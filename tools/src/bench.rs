@@ -339,22 +339,31 @@ fn spawn_consumers(
                             continue;
                         }
                     };
-                    for m in msgs {
-                        let sent_ns = m
-                            .msg_body
-                            .get(..8)
-                            .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
-                        let r = c
-                            .delete_message(DeleteMessageRequest {
-                                queue_name: queue.clone(),
-                                receipt_handle: m.receipt_handle,
-                            })
-                            .await;
+                    // Every message is deleted on its own (as peerbench acks each one), all of
+                    // the batch's deletes at once, like the peers' fire-and-forget acks.
+                    let deletes = msgs.into_iter().map(|m| {
+                        let mut c = c.clone();
+                        let queue = queue.clone();
+                        async move {
+                            let sent_ns = m
+                                .msg_body
+                                .get(..8)
+                                .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+                            let r = c
+                                .delete_message(DeleteMessageRequest {
+                                    queue_name: queue,
+                                    receipt_handle: m.receipt_handle,
+                                })
+                                .await;
+                            (r, sent_ns, m.msg_body.len())
+                        }
+                    });
+                    for (r, sent_ns, len) in futures::future::join_all(deletes).await {
                         let now = Instant::now();
                         match r {
                             Ok(_) if w.counts(now) => {
                                 st.completed += 1;
-                                st.bytes += m.msg_body.len() as u64;
+                                st.bytes += len as u64;
                                 if let Some(ns) = sent_ns {
                                     let lat = (origin.elapsed().as_nanos() as u64)
                                         .saturating_sub(ns)

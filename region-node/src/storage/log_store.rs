@@ -296,3 +296,76 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    async fn terms(s: &mut LogStore, from: u64) -> Vec<(u64, u64)> {
+        s.try_get_log_entries(from..)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn append_truncate_reappend_purge_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let engine = Arc::new(Engine::open(dir.path()).unwrap());
+            let mut s = LogStore::new(1, engine.clone());
+            let mut other = LogStore::new(2, engine);
+            s.blocking_append((1..=5).map(|i| entry(1, i)))
+                .await
+                .unwrap();
+            other.blocking_append([entry(7, 1)]).await.unwrap();
+            assert_eq!(
+                terms(&mut s, 0).await,
+                (1..=5).map(|i| (i, 1)).collect::<Vec<_>>()
+            );
+
+            // Truncate and re-append without waiting: readers never see the stale tail.
+            s.truncate(LogId::new(CommittedLeaderId::new(1, 1), 4))
+                .await
+                .unwrap();
+            assert_eq!(terms(&mut s, 3).await, vec![(3, 1)]);
+            s.blocking_append([entry(2, 4)]).await.unwrap();
+            assert_eq!(terms(&mut s, 3).await, vec![(3, 1), (4, 2)]);
+            let st = s.get_log_state().await.unwrap();
+            assert_eq!(
+                st.last_log_id.map(|l| (l.index, l.leader_id.term)),
+                Some((4, 2))
+            );
+
+            s.purge(LogId::new(CommittedLeaderId::new(1, 1), 2))
+                .await
+                .unwrap();
+            s.blocking_append([entry(2, 5)]).await.unwrap();
+            assert_eq!(terms(&mut s, 0).await, vec![(3, 1), (4, 2), (5, 2)]);
+            assert_eq!(
+                terms(&mut other, 0).await,
+                vec![(1, 7)],
+                "groups are separate"
+            );
+        }
+        // Everything acknowledged is there after reopening.
+        let engine = Arc::new(Engine::open(dir.path()).unwrap());
+        let mut s = LogStore::new(1, engine);
+        assert_eq!(terms(&mut s, 0).await, vec![(3, 1), (4, 2), (5, 2)]);
+        let st = s.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(2));
+        assert_eq!(st.last_log_id.map(|l| l.index), Some(5));
+    }
+}
