@@ -17,6 +17,7 @@ pub mod placement;
 pub mod queue;
 pub mod raft;
 pub mod receipt;
+pub mod replay;
 pub mod server;
 pub mod storage;
 

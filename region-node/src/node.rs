@@ -58,6 +58,13 @@ pub enum GroupRequest {
         dlq: QueueKey,
     },
     ListCredentials,
+    /// Metadata leader only: accept a signed request's nonce once (no Raft write).
+    CheckNonce {
+        secret_id: String,
+        nonce: String,
+        now_s: i64,
+        window_s: i64,
+    },
 }
 
 impl GroupRequest {
@@ -114,6 +121,8 @@ pub struct RegionNode {
     pub peers: Arc<Peers>,
     pub receipts: ReceiptSigner,
     pub clock: Arc<dyn Clock>,
+    /// Nonces of signed HTTP requests, used while this node leads the metadata group.
+    pub nonces: crate::replay::NonceCache,
 }
 
 impl RegionNode {
@@ -171,6 +180,7 @@ impl RegionNode {
             groups,
             peers,
             clock: Arc::new(SystemClock),
+            nonces: Default::default(),
         }))
     }
 
@@ -333,6 +343,25 @@ impl RegionNode {
                     .await
                     .map(GroupReply::Op)
             }
+            GroupRequest::CheckNonce {
+                secret_id,
+                nonce,
+                now_s,
+                window_s,
+            } => {
+                if g.raft.metrics().borrow().state != ServerState::Leader {
+                    return Err(ForwardError::NotLeader);
+                }
+                if self.nonces.insert(secret_id, nonce, *now_s, *window_s) {
+                    Ok(GroupReply::Op(OpResult::Done))
+                } else {
+                    Err(ForwardError::Cmq(CmqError::new(
+                        meridian_api::CmqCode::AuthFailed,
+                        10030,
+                        "Nonce already used (replayed request)",
+                    )))
+                }
+            }
             read => {
                 self.linearize(g).await?;
                 let state = g.shared.state.read().expect("state lock");
@@ -379,7 +408,9 @@ impl RegionNode {
                             .map(|(id, c)| (id.clone(), c.app_id, c.created_ms, c.revoked))
                             .collect(),
                     ),
-                    GroupRequest::Write(_) | GroupRequest::Receive { .. } => unreachable!(),
+                    GroupRequest::Write(_)
+                    | GroupRequest::Receive { .. }
+                    | GroupRequest::CheckNonce { .. } => unreachable!(),
                 })
             }
         }

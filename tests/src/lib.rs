@@ -278,11 +278,16 @@ pub struct RawHttp {
 
 impl RawHttp {
     pub fn connect(addr: &str) -> RawHttp {
+        Self::connect_as(addr, addr)
+    }
+
+    /// Connects to `addr` but sends `host` as the Host header (to replay another node's request).
+    pub fn connect_as(addr: &str, host: &str) -> RawHttp {
         let s = std::net::TcpStream::connect(addr).expect("connect HTTP");
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         RawHttp {
             stream: std::io::BufReader::new(s),
-            host: addr.to_string(),
+            host: host.to_string(),
         }
     }
 

@@ -206,10 +206,15 @@ async fn malformed_requests_get_cmq_errors_on_a_live_connection() {
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(v["totalCount"], 1);
 
-    // A replayed request (same nonce) is refused.
+    // A replayed request (same nonce) is refused, by the node that saw it and by any other.
     let once = form(&[("Action", "ListQueue"), ("Nonce", "424242")], "POST", "/");
     assert_eq!(code(&http.request("POST", "/", once.as_bytes()).1), 0);
     assert_eq!(code(&http.request("POST", "/", once.as_bytes()).1), 4100);
+    let twice = form(&[("Action", "ListQueue"), ("Nonce", "434343")], "POST", "/");
+    assert_eq!(code(&http.request("POST", "/", twice.as_bytes()).1), 0);
+    let mut elsewhere = RawHttp::connect_as(&region.http_addr(3), &addr);
+    let (_, reply) = elsewhere.request("POST", "/", twice.as_bytes());
+    assert_eq!(code(&reply), 4100, "replay to another node: {reply}");
 
     // Over 1 MiB: a CMQ error (the server may then close this connection).
     let huge = vec![b'a'; (1 << 20) + 100];

@@ -1,44 +1,19 @@
 //! Request authentication: SecretId lookup in the replicated metadata, Timestamp skew window,
 //! Nonce replay rejection, and the HMAC signature over the real Host header and path.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use meridian_api::cmq_http::{verify_signature, Params};
 use meridian_api::{CmqCode, CmqError, CmqResult};
 
 use super::HttpApi;
+use crate::node::GroupRequest;
+use crate::placement::META_GROUP;
 
 fn auth_error(module: u32, message: impl Into<String>) -> CmqError {
     CmqError::new(CmqCode::AuthFailed, module, message)
 }
 
-/// Nonces seen within the timestamp window, per SecretId, with the time they expire.
-#[derive(Default)]
-pub struct NonceCache {
-    seen: Mutex<HashMap<(String, String), i64>>,
-}
-
-impl NonceCache {
-    /// Records the nonce; false if it was already used within the window.
-    fn insert(&self, secret_id: &str, nonce: &str, now: i64, window: i64) -> bool {
-        let mut seen = self.seen.lock().expect("nonce lock");
-        if seen.len() > 100_000 {
-            seen.retain(|_, &mut exp| exp > now);
-        }
-        let key = (secret_id.to_string(), nonce.to_string());
-        match seen.get(&key) {
-            Some(&exp) if exp > now => false,
-            _ => {
-                seen.insert(key, now + 2 * window);
-                true
-            }
-        }
-    }
-}
-
 /// Returns the tenant (app id) the request acts for.
-pub fn authenticate(
+pub async fn authenticate(
     api: &HttpApi,
     method: &str,
     host: &str,
@@ -80,8 +55,12 @@ pub fn authenticate(
         return Err(auth_error(10030, "signature mismatch"));
     }
     // Only a verified request consumes its nonce, so forgeries cannot block a real client.
-    if !api.nonces.insert(secret_id, nonce, now, window) {
-        return Err(auth_error(10030, "Nonce already used (replayed request)"));
-    }
+    let check = GroupRequest::CheckNonce {
+        secret_id: secret_id.to_string(),
+        nonce: nonce.to_string(),
+        now_s: now,
+        window_s: window,
+    };
+    api.ops.node.execute(META_GROUP, check).await?;
     Ok(cred.app_id.to_string())
 }

@@ -23,14 +23,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::error::NodeError;
 use crate::ops::QueueOps;
 
-pub use auth::NonceCache;
-
 /// Largest request accepted (CMQ: 1 MB, error 4000/10420).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 pub struct HttpApi {
     pub ops: QueueOps,
-    pub nonces: NonceCache,
     pub skew_seconds: u64,
     next_request: AtomicU64,
     node_id: u64,
@@ -41,7 +38,6 @@ impl HttpApi {
         let node_id = ops.node.id;
         Self {
             ops,
-            nonces: NonceCache::default(),
             skew_seconds,
             next_request: AtomicU64::new(1),
             node_id,
@@ -106,7 +102,8 @@ impl HttpApi {
             .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
         let tenant =
-            auth::authenticate(self, parts.method.as_str(), host, parts.uri.path(), &params)?;
+            auth::authenticate(self, parts.method.as_str(), host, parts.uri.path(), &params)
+                .await?;
         actions::dispatch(&self.ops, &tenant, &action, &params, request_id).await
     }
 }
