@@ -17,6 +17,8 @@ pub const MAX_LIST_LIMIT: u32 = 50;
 pub const DEFAULT_LIST_LIMIT: u32 = 20;
 /// How many source queues may point at one dead-letter queue.
 pub const MAX_DLQ_SOURCES: usize = 6;
+/// Queues per tenant (CMQ: 1000 per account, error 4450).
+pub const MAX_QUEUES_PER_TENANT: usize = 1000;
 
 /// Checks a queue or topic name: starts with a letter, then letters, digits, `-` or `_`, ≤64.
 pub fn validate_name(name: &str) -> CmqResult<()> {

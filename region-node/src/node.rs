@@ -58,6 +58,10 @@ pub enum GroupRequest {
         dlq: QueueKey,
     },
     ListCredentials,
+    /// A credential by SecretId, read on the metadata leader (linearizable).
+    GetCredential {
+        secret_id: String,
+    },
     /// Metadata leader only: accept a signed request's nonce once (no Raft write).
     CheckNonce {
         secret_id: String,
@@ -87,6 +91,7 @@ pub enum GroupReply {
     Queues(Vec<(String, String)>),
     /// Credentials without their secret keys: `(secret_id, app_id, created_ms, revoked)`.
     Credentials(Vec<(String, u64, i64, bool)>),
+    Credential(Option<crate::queue::Credential>),
 }
 
 /// A queue's attributes and counters as GetQueueAttributes reports them.
@@ -401,6 +406,9 @@ impl RegionNode {
                             .map(|q| (q.name.clone(), q.queue_id.clone()))
                             .collect(),
                     ),
+                    GroupRequest::GetCredential { secret_id } => {
+                        GroupReply::Credential(state.credentials.get(secret_id).cloned())
+                    }
                     GroupRequest::ListCredentials => GroupReply::Credentials(
                         state
                             .credentials

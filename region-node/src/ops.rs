@@ -135,6 +135,24 @@ impl QueueOps {
         let key = self.key(tenant, name)?;
         let attrs = patch.apply_to(&QueueAttributes::default())?;
         self.check_dead_letter(&key, &attrs).await?;
+        // Counted across groups before the create: concurrent creates may overshoot slightly.
+        let existing = self
+            .fan_out(GroupRequest::ListQueues {
+                tenant: tenant.into(),
+                search: String::new(),
+            })
+            .await?
+            .len();
+        if existing >= limits::MAX_QUEUES_PER_TENANT {
+            return Err(CmqError::new(
+                CmqCode::LimitReached,
+                10220,
+                format!(
+                    "tenant already has {existing} queues (limit {})",
+                    limits::MAX_QUEUES_PER_TENANT
+                ),
+            ));
+        }
         let op = Op::CreateQueue {
             tenant: tenant.to_string(),
             name: name.to_string(),

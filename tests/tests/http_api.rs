@@ -195,6 +195,20 @@ async fn malformed_requests_get_cmq_errors_on_a_live_connection() {
         assert_eq!(code(&reply), want, "{what}: {reply}");
     }
 
+    // The Go TDMQ SDK's clientRequestId comes back as a JSON number.
+    let with_id = form(
+        &[("Action", "ListQueue"), ("clientRequestId", "1231231231")],
+        "POST",
+        "/",
+    );
+    let (_, reply) = http.request("POST", "/", with_id.as_bytes());
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(
+        v["clientRequestId"],
+        serde_json::json!(1231231231u64),
+        "{reply}"
+    );
+
     // Unsupported method, still a CMQ reply.
     let (status, reply) = http.request("PUT", "/", b"");
     assert_eq!((status, code(&reply)), (200, 4000), "{reply}");

@@ -5,7 +5,7 @@ use meridian_api::cmq_http::{verify_signature, Params};
 use meridian_api::{CmqCode, CmqError, CmqResult};
 
 use super::HttpApi;
-use crate::node::GroupRequest;
+use crate::node::{GroupReply, GroupRequest};
 use crate::placement::META_GROUP;
 
 fn auth_error(module: u32, message: impl Into<String>) -> CmqError {
@@ -31,11 +31,20 @@ pub async fn authenticate(
         .get("Signature")?
         .filter(|s| !s.is_empty())
         .ok_or_else(|| auth_error(10030, "missing Signature"))?;
-    let cred = api
-        .ops
-        .node
-        .credential(secret_id)
-        .ok_or_else(|| auth_error(10270, "SecretId does not exist"))?;
+    // The local copy of the metadata may lag a just-created key: ask the leader on a miss.
+    let cred = match api.ops.node.credential(secret_id) {
+        Some(c) => Some(c),
+        None => {
+            let req = GroupRequest::GetCredential {
+                secret_id: secret_id.to_string(),
+            };
+            match api.ops.node.execute(META_GROUP, req).await? {
+                GroupReply::Credential(c) => c,
+                _ => None,
+            }
+        }
+    }
+    .ok_or_else(|| auth_error(10270, "SecretId does not exist"))?;
     if cred.revoked {
         return Err(auth_error(10080, "SecretId has been revoked"));
     }

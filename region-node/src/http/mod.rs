@@ -55,13 +55,18 @@ impl HttpApi {
     /// Handles one request; every outcome is an HTTP 200 JSON reply.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let request_id = self.request_id();
-        let reply = match self.process(req, &request_id).await {
+        let (reply, client_request_id) = match self.process(req, &request_id).await {
             Ok(v) => v,
-            Err(e) => {
+            Err((e, client_request_id)) => {
                 tracing::debug!(request_id, code = e.code.as_u32(), "CMQ error: {e}");
-                error_reply(&e, &request_id)
+                (error_reply(&e, &request_id), client_request_id)
             }
         };
+        let mut reply = reply;
+        // The Go TDMQ SDK reads clientRequestId back as a number.
+        if let (Some(id), Some(obj)) = (client_request_id, reply.as_object_mut()) {
+            obj.insert("clientRequestId".into(), serde_json::Value::from(id));
+        }
         Response::builder()
             .status(200)
             .header("Content-Type", "application/json; charset=utf-8")
@@ -69,10 +74,24 @@ impl HttpApi {
             .expect("static response parts are valid")
     }
 
+    /// The reply, or the error, with the request's numeric clientRequestId if it had one.
     async fn process(
         &self,
         req: Request<Incoming>,
         request_id: &str,
+    ) -> Result<(serde_json::Value, Option<u64>), (CmqError, Option<u64>)> {
+        let mut client_request_id = None;
+        self.process_inner(req, request_id, &mut client_request_id)
+            .await
+            .map(|v| (v, client_request_id))
+            .map_err(|e| (e, client_request_id))
+    }
+
+    async fn process_inner(
+        &self,
+        req: Request<Incoming>,
+        request_id: &str,
+        client_request_id: &mut Option<u64>,
     ) -> Result<serde_json::Value, CmqError> {
         let (parts, body) = req.into_parts();
         let raw: Bytes = match parts.method {
@@ -94,6 +113,7 @@ impl HttpApi {
             ));
         }
         let params: Params = parse_form(&raw)?;
+        *client_request_id = params.int::<u64>("clientRequestId").ok().flatten();
         let action = params.required("Action")?.to_string();
         let host = parts
             .headers
