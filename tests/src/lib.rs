@@ -342,54 +342,15 @@ pub fn signed_form(
     host: &str,
     path: &str,
 ) -> String {
-    use meridian_api::cmq_http::{sign, string_to_sign, Params, SignatureMethod};
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let nonce = rand::random::<u32>().to_string();
-    let mut pairs: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    if !pairs.iter().any(|(k, _)| k == "Timestamp") {
-        pairs.push(("Timestamp".into(), ts.to_string()));
-    }
-    if !pairs.iter().any(|(k, _)| k == "Nonce") {
-        pairs.push(("Nonce".into(), nonce));
-    }
-    pairs.push(("SecretId".into(), secret_id.into()));
-    let p = Params {
-        pairs: pairs.clone(),
-    };
-    let method_kind = SignatureMethod::from_param(
-        params
-            .iter()
-            .find(|(k, _)| *k == "SignatureMethod")
-            .map(|(_, v)| *v),
-    );
-    let sig = sign(
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    meridian_api::cmq_http::sign_form(
+        params,
+        secret_id,
         secret_key,
-        method_kind,
-        &string_to_sign(method, host, path, &p, false),
-    );
-    pairs.push(("Signature".into(), sig));
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-pub fn urlencode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+        method,
+        host,
+        path,
+        now,
+        rand::random::<u32>().into(),
+    )
 }

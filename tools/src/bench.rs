@@ -22,6 +22,8 @@ use meridian_api::CmqError;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use crate::cmq_client::{CmqHttp, CmqReply};
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
     Grpc,
@@ -181,11 +183,17 @@ pub fn fsync_rate(dir: &Path) -> anyhow::Result<(f64, f64)> {
     Ok((n as f64 / secs, h.value_at_quantile(0.5) as f64 / 1000.0))
 }
 
+/// A body of `size` bytes (≥ 16) whose first 16 carry the send time as hex, so W2 can measure
+/// send→delete latency over either protocol (HTTP bodies must be text).
 fn body(size: usize, origin: Instant) -> Vec<u8> {
-    let mut b = vec![b'x'; size.max(8)];
+    let mut b = vec![b'x'; size.max(16)];
     let ns = origin.elapsed().as_nanos() as u64;
-    b[..8].copy_from_slice(&ns.to_be_bytes());
+    b[..16].copy_from_slice(format!("{ns:016x}").as_bytes());
     b
+}
+
+fn sent_ns(body: &[u8]) -> Option<u64> {
+    std::str::from_utf8(body.get(..16)?).ok().and_then(|h| u64::from_str_radix(h, 16).ok())
 }
 
 async fn connect(url: &str) -> anyhow::Result<Channel> {
@@ -196,28 +204,184 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("connect {url}"))
 }
 
-/// The gRPC endpoint of the node leading `queue`'s group, so sends need no forwarding hop
-/// (peerbench also talks to the stream/queue leader).
+/// Where and how the bench talks to the region.
+#[derive(Clone)]
+enum Target {
+    /// A gRPC endpoint of any node; publishers go to each queue's group leader.
+    Grpc { seed: String },
+    /// A CMQ HTTP endpoint with a key pair; the node forwards to leaders itself.
+    Http { endpoint: String, secret_id: String, secret_key: String },
+}
+
+/// One client connection of either protocol. Errors are CMQ codes (0: transport failure).
+enum Conn {
+    Grpc(QueueServiceClient<Channel>),
+    Http(CmqHttp),
+}
+
+fn grpc_code(s: tonic::Status) -> u32 {
+    CmqError::from_status(&s).code.as_u32()
+}
+
+fn http_code(r: anyhow::Result<CmqReply>) -> Result<CmqReply, u32> {
+    match r {
+        Ok(r) if r.code == 0 => Ok(r),
+        Ok(r) => Err(r.code),
+        Err(_) => Err(0),
+    }
+}
+
+impl Conn {
+    async fn send(&mut self, queue: &str, bodies: Vec<Vec<u8>>) -> Result<(), u32> {
+        match self {
+            Conn::Grpc(c) if bodies.len() == 1 => {
+                let msg_body = bodies.into_iter().next().expect("one body");
+                let req = SendMessageRequest { queue_name: queue.into(), msg_body, delay_seconds: 0 };
+                c.send_message(req).await.map(|_| ()).map_err(grpc_code)
+            }
+            Conn::Grpc(c) => {
+                let req = BatchSendMessageRequest { queue_name: queue.into(), msg_body: bodies, delay_seconds: 0 };
+                c.batch_send_message(req).await.map(|_| ()).map_err(grpc_code)
+            }
+            Conn::Http(c) => {
+                let texts: Vec<String> =
+                    bodies.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
+                let names: Vec<String> = (1..=texts.len()).map(|i| format!("msgBody.{i}")).collect();
+                let mut params = vec![("queueName", queue)];
+                if texts.len() == 1 {
+                    params.push(("Action", "SendMessage"));
+                    params.push(("msgBody", texts[0].as_str()));
+                } else {
+                    params.push(("Action", "BatchSendMessage"));
+                    params.extend(names.iter().map(String::as_str).zip(texts.iter().map(String::as_str)));
+                }
+                http_code(c.call(&params).await).map(|_| ())
+            }
+        }
+    }
+
+    /// Up to `n` messages as (receipt handle, body); no message is Ok(empty).
+    async fn receive(&mut self, queue: &str, n: u32, wait: u32) -> Result<Vec<(String, Vec<u8>)>, u32> {
+        let r = match self {
+            Conn::Grpc(c) => c
+                .batch_receive_message(BatchReceiveMessageRequest {
+                    queue_name: queue.into(),
+                    num_of_msg: n,
+                    polling_wait_seconds: Some(wait),
+                })
+                .await
+                .map(|r| r.into_inner().messages.into_iter().map(|m| (m.receipt_handle, m.msg_body)).collect())
+                .map_err(grpc_code),
+            Conn::Http(c) => {
+                let (n, wait) = (n.to_string(), wait.to_string());
+                let params = [
+                    ("Action", "BatchReceiveMessage"),
+                    ("queueName", queue),
+                    ("numOfMsg", n.as_str()),
+                    ("pollingWaitSeconds", wait.as_str()),
+                ];
+                http_code(c.call(&params).await).map(|r| {
+                    r.body["msgInfoList"]
+                        .as_array()
+                        .map(|l| {
+                            l.iter()
+                                .map(|m| {
+                                    (
+                                        m["receiptHandle"].as_str().unwrap_or("").to_string(),
+                                        m["msgBody"].as_str().unwrap_or("").as_bytes().to_vec(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+            }
+        };
+        match r {
+            Err(7000) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    async fn delete(&mut self, queue: &str, handle: String) -> Result<(), u32> {
+        match self {
+            Conn::Grpc(c) => c
+                .delete_message(DeleteMessageRequest { queue_name: queue.into(), receipt_handle: handle })
+                .await
+                .map(|_| ())
+                .map_err(grpc_code),
+            Conn::Http(c) => {
+                let params = [("Action", "DeleteMessage"), ("queueName", queue), ("receiptHandle", handle.as_str())];
+                http_code(c.call(&params).await).map(|_| ())
+            }
+        }
+    }
+
+    async fn create_queue(&mut self, queue: &str) -> Result<(), u32> {
+        match self {
+            Conn::Grpc(c) => c
+                .create_queue(CreateQueueRequest {
+                    queue_name: queue.into(),
+                    attributes: Some(QueueAttributes { visibility_timeout: Some(30), ..Default::default() }),
+                })
+                .await
+                .map(|_| ())
+                .map_err(grpc_code),
+            Conn::Http(c) => {
+                let params = [("Action", "CreateQueue"), ("queueName", queue), ("visibilityTimeout", "30")];
+                http_code(c.call(&params).await).map(|_| ())
+            }
+        }
+    }
+
+    async fn delete_queue(&mut self, queue: &str) -> Result<(), u32> {
+        match self {
+            Conn::Grpc(c) => c
+                .delete_queue(QueueNameRequest { queue_name: queue.into() })
+                .await
+                .map(|_| ())
+                .map_err(grpc_code),
+            Conn::Http(c) => http_code(c.call(&[("Action", "DeleteQueue"), ("queueName", queue)]).await).map(|_| ()),
+        }
+    }
+}
+
+impl Target {
+    /// A connection for traffic on `queue`: over gRPC to its group's leader (no forwarding
+    /// hop, as peerbench talks to stream/queue leaders); over HTTP to the given node.
+    async fn conn_for(&self, queue: &str) -> anyhow::Result<Conn> {
+        match self {
+            Target::Grpc { seed } => {
+                let url = leader_endpoint(seed, queue).await.unwrap_or_else(|_| seed.clone());
+                Ok(Conn::Grpc(QueueServiceClient::new(connect(&url).await?)))
+            }
+            Target::Http { endpoint, secret_id, secret_key } => {
+                Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?))
+            }
+        }
+    }
+
+    async fn admin(&self) -> anyhow::Result<Conn> {
+        match self {
+            Target::Grpc { seed } => Ok(Conn::Grpc(QueueServiceClient::new(connect(seed).await?))),
+            Target::Http { endpoint, secret_id, secret_key } => {
+                Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?))
+            }
+        }
+    }
+}
+
+/// The gRPC endpoint of the node leading `queue`'s group.
 async fn leader_endpoint(seed: &str, queue: &str) -> anyhow::Result<String> {
     let ch = connect(seed).await?;
     let group = QueueServiceClient::new(ch.clone())
-        .get_queue_attributes(QueueNameRequest {
-            queue_name: queue.into(),
-        })
+        .get_queue_attributes(QueueNameRequest { queue_name: queue.into() })
         .await
         .map_err(|s| anyhow::anyhow!("{}", CmqError::from_status(&s)))?
         .into_inner()
         .group;
-    let status = ClusterServiceClient::new(ch)
-        .cluster_status(Empty {})
-        .await?
-        .into_inner();
-    let leader = status
-        .groups
-        .iter()
-        .find(|g| g.group == group)
-        .map(|g| g.leader)
-        .unwrap_or(0);
+    let status = ClusterServiceClient::new(ch).cluster_status(Empty {}).await?.into_inner();
+    let leader = status.groups.iter().find(|g| g.group == group).map(|g| g.leader).unwrap_or(0);
     Ok(status
         .members
         .iter()
@@ -226,75 +390,35 @@ async fn leader_endpoint(seed: &str, queue: &str) -> anyhow::Result<String> {
         .unwrap_or_else(|| seed.to_string()))
 }
 
-async fn recreate(seed: &str, queue: &str) -> anyhow::Result<()> {
-    let mut c = QueueServiceClient::new(connect(seed).await?);
-    let _ = c
-        .delete_queue(QueueNameRequest {
-            queue_name: queue.into(),
-        })
-        .await;
-    // A deleted name is reserved for 10 s; bench names carry a run suffix instead of waiting.
-    c.create_queue(CreateQueueRequest {
-        queue_name: queue.into(),
-        attributes: Some(QueueAttributes {
-            visibility_timeout: Some(30),
-            ..Default::default()
-        }),
-    })
-    .await
-    .map_err(|s| anyhow::anyhow!("create {queue}: {}", CmqError::from_status(&s)))?;
-    Ok(())
-}
-
 fn spawn_publishers(
     args: &BenchArgs,
     w: Window,
-    clients: Vec<QueueServiceClient<Channel>>,
-    queues: Vec<String>,
-    inflight: usize,
+    conns: Vec<(Conn, String)>,
     origin: Instant,
 ) -> Vec<tokio::task::JoinHandle<Stats>> {
-    (0..inflight)
-        .map(|i| {
-            let mut c = clients[i % clients.len()].clone();
-            let queue = queues[i % queues.len()].clone();
+    conns
+        .into_iter()
+        .map(|(mut c, queue)| {
             let size = args.body_bytes;
             let batch = args.send_batch.clamp(1, 16);
             let op_timeout = Duration::from_secs(args.op_timeout_s);
             tokio::spawn(async move {
                 let mut st = Stats::new();
                 while !w.over() {
+                    let bodies = (0..batch).map(|_| body(size, origin)).collect();
                     let t0 = Instant::now();
-                    let r = if batch == 1 {
-                        let req = SendMessageRequest {
-                            queue_name: queue.clone(),
-                            msg_body: body(size, origin),
-                            delay_seconds: 0,
-                        };
-                        tokio::time::timeout(op_timeout, c.send_message(req))
-                            .await
-                            .map(|r| r.map(|_| ()))
-                    } else {
-                        let req = BatchSendMessageRequest {
-                            queue_name: queue.clone(),
-                            msg_body: (0..batch).map(|_| body(size, origin)).collect(),
-                            delay_seconds: 0,
-                        };
-                        tokio::time::timeout(op_timeout, c.batch_send_message(req))
-                            .await
-                            .map(|r| r.map(|_| ()))
-                    };
+                    let r = tokio::time::timeout(op_timeout, c.send(&queue, bodies)).await;
                     let t1 = Instant::now();
                     match r {
                         Ok(Ok(())) if w.counts(t1) => {
                             st.completed += batch as u64;
-                            st.bytes += (batch * size) as u64;
+                            st.bytes += (batch * size.max(16)) as u64;
                             let _ = st.latency.record((t1 - t0).as_micros().max(1) as u64);
                         }
                         Ok(Ok(())) => {}
-                        Ok(Err(s)) => {
+                        Ok(Err(code)) => {
                             if w.counts(t1) {
-                                st.error(CmqError::from_status(&s).code.as_u32());
+                                st.error(code);
                             }
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
@@ -307,74 +431,52 @@ fn spawn_publishers(
         .collect()
 }
 
+/// W2 consumers: each with a receive connection and one delete connection per batch slot, so
+/// a batch's deletes go out at once (peerbench's clients ack fire-and-forget).
 fn spawn_consumers(
     args: &BenchArgs,
     w: Window,
-    client: QueueServiceClient<Channel>,
+    consumers: Vec<(Conn, Vec<Conn>)>,
     queue: String,
     origin: Instant,
 ) -> Vec<tokio::task::JoinHandle<Stats>> {
-    (0..args.w2_consumers)
-        .map(|_| {
-            let mut c = client.clone();
+    consumers
+        .into_iter()
+        .map(|(mut c, mut deleters)| {
             let queue = queue.clone();
             let (batch, wait) = (args.w2_batch.clamp(1, 16), args.w2_wait_s.min(30));
             tokio::spawn(async move {
                 let mut st = Stats::new();
                 while !w.over() {
-                    let r = c
-                        .batch_receive_message(BatchReceiveMessageRequest {
-                            queue_name: queue.clone(),
-                            num_of_msg: batch,
-                            polling_wait_seconds: Some(wait),
-                        })
-                        .await;
-                    let msgs = match r {
-                        Ok(r) => r.into_inner().messages,
-                        Err(s) => {
-                            let code = CmqError::from_status(&s).code.as_u32();
-                            if code != 7000 && w.counts(Instant::now()) {
+                    let msgs = match c.receive(&queue, batch, wait).await {
+                        Ok(m) => m,
+                        Err(code) => {
+                            if w.counts(Instant::now()) {
                                 st.error(code);
                             }
                             continue;
                         }
                     };
-                    // Every message is deleted on its own (as peerbench acks each one), all of
-                    // the batch's deletes at once, like the peers' fire-and-forget acks.
-                    let deletes = msgs.into_iter().map(|m| {
-                        let mut c = c.clone();
+                    // Every message is deleted on its own, all of a batch's deletes at once.
+                    let deletes = msgs.into_iter().zip(deleters.iter_mut()).map(|((handle, body), d)| {
                         let queue = queue.clone();
-                        async move {
-                            let sent_ns = m
-                                .msg_body
-                                .get(..8)
-                                .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
-                            let r = c
-                                .delete_message(DeleteMessageRequest {
-                                    queue_name: queue,
-                                    receipt_handle: m.receipt_handle,
-                                })
-                                .await;
-                            (r, sent_ns, m.msg_body.len())
-                        }
+                        async move { (d.delete(&queue, handle).await, body) }
                     });
-                    for (r, sent_ns, len) in futures::future::join_all(deletes).await {
+                    for (r, body) in futures::future::join_all(deletes).await {
                         let now = Instant::now();
                         match r {
-                            Ok(_) if w.counts(now) => {
+                            Ok(()) if w.counts(now) => {
                                 st.completed += 1;
-                                st.bytes += len as u64;
-                                if let Some(ns) = sent_ns {
-                                    let lat = (origin.elapsed().as_nanos() as u64)
-                                        .saturating_sub(ns)
-                                        / 1000;
+                                st.bytes += body.len() as u64;
+                                if let Some(ns) = sent_ns(&body) {
+                                    let lat = (origin.elapsed().as_nanos() as u64).saturating_sub(ns) / 1000;
                                     let _ = st.latency.record(lat.max(1));
                                 }
                             }
-                            Ok(_) => {}
-                            Err(s) => {
+                            Ok(()) => {}
+                            Err(code) => {
                                 if w.counts(now) {
-                                    st.error(CmqError::from_status(&s).code.as_u32());
+                                    st.error(code);
                                 }
                             }
                         }
@@ -421,115 +523,115 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Stats>>) -> Stats {
     all
 }
 
-async fn run_workload(
+/// `n` publisher connections, publisher i on queue i % queues. gRPC publishers share
+/// `pub_conns` HTTP/2 channels per leader; HTTP/1.1 publishers need a connection each.
+async fn publisher_conns(
+    target: &Target,
     args: &BenchArgs,
-    name: &str,
-    seed: &str,
-    run_id: u32,
-) -> anyhow::Result<Outcome> {
+    queues: &[String],
+    n: usize,
+) -> anyhow::Result<Vec<(Conn, String)>> {
+    let mut out = Vec::with_capacity(n);
+    match target {
+        Target::Grpc { seed } => {
+            let mut channels: BTreeMap<String, Vec<Channel>> = BTreeMap::new();
+            let mut url_of = Vec::with_capacity(queues.len());
+            for q in queues {
+                let url = leader_endpoint(seed, q).await?;
+                if !channels.contains_key(&url) {
+                    let mut chs = Vec::new();
+                    for _ in 0..args.pub_conns.max(1) {
+                        chs.push(connect(&url).await?);
+                    }
+                    channels.insert(url.clone(), chs);
+                }
+                url_of.push(url);
+            }
+            for i in 0..n {
+                let qi = i % queues.len();
+                let chs = &channels[&url_of[qi]];
+                out.push((Conn::Grpc(QueueServiceClient::new(chs[i % chs.len()].clone())), queues[qi].clone()));
+            }
+        }
+        Target::Http { .. } => {
+            for i in 0..n {
+                let q = &queues[i % queues.len()];
+                out.push((target.conn_for(q).await?, q.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn run_workload(args: &BenchArgs, name: &str, target: &Target, run_id: u32) -> anyhow::Result<Outcome> {
     let origin = Instant::now();
     let inflight = |d: usize| args.inflight.unwrap_or(d);
     let queues: Vec<String> = match name {
         "W1" => vec![format!("bench-w1-{run_id}")],
         "W2" => vec![format!("bench-w2-{run_id}")],
-        "W3" => (0..args.w3_queues)
-            .map(|i| format!("bench-w3-{run_id}-{i}"))
-            .collect(),
+        "W3" => (0..args.w3_queues).map(|i| format!("bench-w3-{run_id}-{i}")).collect(),
         other => bail!("unknown workload {other:?} (use W1, W2, W3)"),
     };
+    let mut admin = target.admin().await?;
     for q in &queues {
-        recreate(seed, q).await?;
+        admin
+            .create_queue(q)
+            .await
+            .map_err(|code| anyhow::anyhow!("create queue {q}: CMQ error {code}"))?;
     }
-    // Publishers talk to the leader of each queue's group.
-    let mut clients_by_queue = Vec::new();
-    let mut channels: BTreeMap<String, Vec<Channel>> = BTreeMap::new();
-    for q in &queues {
-        let url = leader_endpoint(seed, q).await?;
-        if !channels.contains_key(&url) {
-            let mut chs = Vec::new();
-            for _ in 0..args.pub_conns.max(1) {
-                chs.push(connect(&url).await?);
+    let n = inflight(match name {
+        "W1" => args.w1_inflight,
+        "W2" => args.w2_inflight,
+        _ => args.w3_inflight,
+    });
+    let pubs = publisher_conns(target, args, &queues, n).await?;
+    let mut consumers = Vec::new();
+    if name == "W2" {
+        for _ in 0..args.w2_consumers {
+            let recv = target.conn_for(&queues[0]).await?;
+            let mut deleters = Vec::new();
+            for _ in 0..args.w2_batch.clamp(1, 16) {
+                deleters.push(target.conn_for(&queues[0]).await?);
             }
-            channels.insert(url.clone(), chs);
+            consumers.push((recv, deleters));
         }
-        clients_by_queue.push(url);
     }
     let w = {
         let start = Instant::now() + Duration::from_secs(args.warmup_s);
-        Window {
-            start,
-            end: start + Duration::from_secs(args.duration_s),
-        }
+        Window { start, end: start + Duration::from_secs(args.duration_s) }
     };
     let bar = tokio::spawn(progress(w, name.to_string(), args.json));
-    let outcome = match name {
-        "W1" | "W3" => {
-            let n = inflight(if name == "W1" {
-                args.w1_inflight
-            } else {
-                args.w3_inflight
-            });
-            // Publisher i sends to queue i % queues, over that queue's leader's channels.
-            let mut tasks = Vec::new();
-            for i in 0..n {
-                let qi = i % queues.len();
-                let chs = &channels[&clients_by_queue[qi]];
-                let c = QueueServiceClient::new(chs[i % chs.len()].clone());
-                let mut one =
-                    spawn_publishers(args, w, vec![c], vec![queues[qi].clone()], 1, origin);
-                tasks.append(&mut one);
-            }
-            let st = collect(tasks).await;
-            Outcome {
-                workload: name.into(),
-                completed: st.completed,
-                bytes: st.bytes,
-                latency: st.latency,
-                errors: st.errors,
-                window_s: args.duration_s as f64,
-                published: None,
-            }
+    let pub_tasks = spawn_publishers(args, w, pubs, origin);
+    let con_tasks = spawn_consumers(args, w, consumers, queues[0].clone(), origin);
+    let p = collect(pub_tasks).await;
+    let outcome = if name == "W2" {
+        let mut c = collect(con_tasks).await;
+        for (k, v) in p.errors {
+            *c.errors.entry(k).or_default() += v;
         }
-        _ => {
-            let chs = &channels[&clients_by_queue[0]];
-            let clients: Vec<_> = chs
-                .iter()
-                .map(|c| QueueServiceClient::new(c.clone()))
-                .collect();
-            let pubs = spawn_publishers(
-                args,
-                w,
-                clients.clone(),
-                queues.clone(),
-                inflight(args.w2_inflight),
-                origin,
-            );
-            let cons = spawn_consumers(args, w, clients[0].clone(), queues[0].clone(), origin);
-            let p = collect(pubs).await;
-            let mut c = collect(cons).await;
-            for (k, v) in p.errors {
-                *c.errors.entry(k).or_default() += v;
-            }
-            Outcome {
-                workload: name.into(),
-                completed: c.completed,
-                bytes: c.bytes,
-                latency: c.latency,
-                errors: c.errors,
-                window_s: args.duration_s as f64,
-                published: Some(p.completed),
-            }
+        Outcome {
+            workload: name.into(),
+            completed: c.completed,
+            bytes: c.bytes,
+            latency: c.latency,
+            errors: c.errors,
+            window_s: args.duration_s as f64,
+            published: Some(p.completed),
+        }
+    } else {
+        Outcome {
+            workload: name.into(),
+            completed: p.completed,
+            bytes: p.bytes,
+            latency: p.latency,
+            errors: p.errors,
+            window_s: args.duration_s as f64,
+            published: None,
         }
     };
     let _ = bar.await;
     for q in &queues {
-        if let Ok(ch) = connect(seed).await {
-            let _ = QueueServiceClient::new(ch)
-                .delete_queue(QueueNameRequest {
-                    queue_name: q.clone(),
-                })
-                .await;
-        }
+        let _ = admin.delete_queue(q).await;
     }
     Ok(outcome)
 }
@@ -587,15 +689,12 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.protocol == Protocol::Http {
-        bail!("--protocol http needs the CMQ HTTP API, which this build does not serve yet; use --protocol grpc");
+    if args.body_bytes < 16 {
+        bail!("--body-bytes must be at least 16 (the send time travels in the body)");
     }
     let dir = match &args.data_dir {
         Some(d) => d.clone(),
-        None => tempfile::Builder::new()
-            .prefix("meridian-bench-")
-            .tempdir()?
-            .keep(),
+        None => tempfile::Builder::new().prefix("meridian-bench-").tempdir()?.keep(),
     };
     let fsync = fsync_rate(&dir)?;
     if !args.json {
@@ -607,9 +706,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut local = None;
-    let seed = match &args.endpoint {
-        Some(e) => e.clone(),
-        None => {
+    let target = match (&args.endpoint, args.protocol) {
+        (Some(e), Protocol::Grpc) => Target::Grpc { seed: e.clone() },
+        (Some(e), Protocol::Http) => match (&args.secret_id, &args.secret_key) {
+            (Some(id), Some(key)) => {
+                Target::Http { endpoint: e.clone(), secret_id: id.clone(), secret_key: key.clone() }
+            }
+            _ => bail!("--protocol http with --endpoint needs --secret-id and --secret-key"),
+        },
+        (None, protocol) => {
             let region = crate::dev::LocalRegion::launch(
                 &dir.join("region"),
                 crate::dev::free_base_port(),
@@ -619,21 +724,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )?;
             region.wait_ready(Duration::from_secs(60)).await?;
             if !args.json {
-                println!(
-                    "local region: {} (data in {})",
-                    region.grpc.join(" "),
-                    region.dir.display()
-                );
+                println!("local region: {} (data in {})", region.grpc.join(" "), region.dir.display());
             }
-            let seed = region.grpc[0].clone();
+            let target = match protocol {
+                Protocol::Grpc => Target::Grpc { seed: region.grpc[0].clone() },
+                Protocol::Http => {
+                    let (secret_id, secret_key) = region.dev_credential().await?;
+                    Target::Http { endpoint: region.http[0].clone(), secret_id, secret_key }
+                }
+            };
             local = Some(region);
-            seed
+            target
         }
     };
     let run_id = rand::random::<u32>() % 1_000_000;
     let mut result = Ok(());
     for w in &args.workload {
-        match run_workload(&args, &w.to_uppercase(), &seed, run_id).await {
+        match run_workload(&args, &w.to_uppercase(), &target, run_id).await {
             Ok(o) => report(&o, &args, fsync),
             Err(e) => {
                 result = Err(e);

@@ -4,6 +4,7 @@
 #![allow(clippy::result_large_err)]
 
 mod bench;
+mod cmq_client;
 mod client;
 mod dev;
 

@@ -50,6 +50,29 @@ fn decode(part: &[u8]) -> CmqResult<String> {
     String::from_utf8(out).map_err(|_| CmqError::invalid(10000, "form data is not valid UTF-8"))
 }
 
+/// Percent-encodes one form component (RFC 3986 unreserved characters kept).
+pub fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Encodes pairs as `application/x-www-form-urlencoded`.
+pub fn encode_form(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode_component(k), encode_component(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// Parses a urlencoded form (a query string or a POST body).
 pub fn parse_form(raw: &[u8]) -> CmqResult<Params> {
     let mut pairs = Vec::new();
