@@ -342,7 +342,10 @@ pub fn signed_form(
     host: &str,
     path: &str,
 ) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     meridian_api::cmq_http::sign_form(
         params,
         secret_id,

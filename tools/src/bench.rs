@@ -193,7 +193,9 @@ fn body(size: usize, origin: Instant) -> Vec<u8> {
 }
 
 fn sent_ns(body: &[u8]) -> Option<u64> {
-    std::str::from_utf8(body.get(..16)?).ok().and_then(|h| u64::from_str_radix(h, 16).ok())
+    std::str::from_utf8(body.get(..16)?)
+        .ok()
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
 }
 
 async fn connect(url: &str) -> anyhow::Result<Channel> {
@@ -210,7 +212,11 @@ enum Target {
     /// A gRPC endpoint of any node; publishers go to each queue's group leader.
     Grpc { seed: String },
     /// A CMQ HTTP endpoint with a key pair; the node forwards to leaders itself.
-    Http { endpoint: String, secret_id: String, secret_key: String },
+    Http {
+        endpoint: String,
+        secret_id: String,
+        secret_key: String,
+    },
 }
 
 /// One client connection of either protocol. Errors are CMQ codes (0: transport failure).
@@ -236,24 +242,43 @@ impl Conn {
         match self {
             Conn::Grpc(c) if bodies.len() == 1 => {
                 let msg_body = bodies.into_iter().next().expect("one body");
-                let req = SendMessageRequest { queue_name: queue.into(), msg_body, delay_seconds: 0 };
+                let req = SendMessageRequest {
+                    queue_name: queue.into(),
+                    msg_body,
+                    delay_seconds: 0,
+                };
                 c.send_message(req).await.map(|_| ()).map_err(grpc_code)
             }
             Conn::Grpc(c) => {
-                let req = BatchSendMessageRequest { queue_name: queue.into(), msg_body: bodies, delay_seconds: 0 };
-                c.batch_send_message(req).await.map(|_| ()).map_err(grpc_code)
+                let req = BatchSendMessageRequest {
+                    queue_name: queue.into(),
+                    msg_body: bodies,
+                    delay_seconds: 0,
+                };
+                c.batch_send_message(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(grpc_code)
             }
             Conn::Http(c) => {
-                let texts: Vec<String> =
-                    bodies.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
-                let names: Vec<String> = (1..=texts.len()).map(|i| format!("msgBody.{i}")).collect();
+                let texts: Vec<String> = bodies
+                    .into_iter()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect();
+                let names: Vec<String> =
+                    (1..=texts.len()).map(|i| format!("msgBody.{i}")).collect();
                 let mut params = vec![("queueName", queue)];
                 if texts.len() == 1 {
                     params.push(("Action", "SendMessage"));
                     params.push(("msgBody", texts[0].as_str()));
                 } else {
                     params.push(("Action", "BatchSendMessage"));
-                    params.extend(names.iter().map(String::as_str).zip(texts.iter().map(String::as_str)));
+                    params.extend(
+                        names
+                            .iter()
+                            .map(String::as_str)
+                            .zip(texts.iter().map(String::as_str)),
+                    );
                 }
                 http_code(c.call(&params).await).map(|_| ())
             }
@@ -261,7 +286,12 @@ impl Conn {
     }
 
     /// Up to `n` messages as (receipt handle, body); no message is Ok(empty).
-    async fn receive(&mut self, queue: &str, n: u32, wait: u32) -> Result<Vec<(String, Vec<u8>)>, u32> {
+    async fn receive(
+        &mut self,
+        queue: &str,
+        n: u32,
+        wait: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, u32> {
         let r = match self {
             Conn::Grpc(c) => c
                 .batch_receive_message(BatchReceiveMessageRequest {
@@ -270,7 +300,13 @@ impl Conn {
                     polling_wait_seconds: Some(wait),
                 })
                 .await
-                .map(|r| r.into_inner().messages.into_iter().map(|m| (m.receipt_handle, m.msg_body)).collect())
+                .map(|r| {
+                    r.into_inner()
+                        .messages
+                        .into_iter()
+                        .map(|m| (m.receipt_handle, m.msg_body))
+                        .collect()
+                })
                 .map_err(grpc_code),
             Conn::Http(c) => {
                 let (n, wait) = (n.to_string(), wait.to_string());
@@ -306,12 +342,19 @@ impl Conn {
     async fn delete(&mut self, queue: &str, handle: String) -> Result<(), u32> {
         match self {
             Conn::Grpc(c) => c
-                .delete_message(DeleteMessageRequest { queue_name: queue.into(), receipt_handle: handle })
+                .delete_message(DeleteMessageRequest {
+                    queue_name: queue.into(),
+                    receipt_handle: handle,
+                })
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
             Conn::Http(c) => {
-                let params = [("Action", "DeleteMessage"), ("queueName", queue), ("receiptHandle", handle.as_str())];
+                let params = [
+                    ("Action", "DeleteMessage"),
+                    ("queueName", queue),
+                    ("receiptHandle", handle.as_str()),
+                ];
                 http_code(c.call(&params).await).map(|_| ())
             }
         }
@@ -322,13 +365,20 @@ impl Conn {
             Conn::Grpc(c) => c
                 .create_queue(CreateQueueRequest {
                     queue_name: queue.into(),
-                    attributes: Some(QueueAttributes { visibility_timeout: Some(30), ..Default::default() }),
+                    attributes: Some(QueueAttributes {
+                        visibility_timeout: Some(30),
+                        ..Default::default()
+                    }),
                 })
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
             Conn::Http(c) => {
-                let params = [("Action", "CreateQueue"), ("queueName", queue), ("visibilityTimeout", "30")];
+                let params = [
+                    ("Action", "CreateQueue"),
+                    ("queueName", queue),
+                    ("visibilityTimeout", "30"),
+                ];
                 http_code(c.call(&params).await).map(|_| ())
             }
         }
@@ -337,11 +387,17 @@ impl Conn {
     async fn delete_queue(&mut self, queue: &str) -> Result<(), u32> {
         match self {
             Conn::Grpc(c) => c
-                .delete_queue(QueueNameRequest { queue_name: queue.into() })
+                .delete_queue(QueueNameRequest {
+                    queue_name: queue.into(),
+                })
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
-            Conn::Http(c) => http_code(c.call(&[("Action", "DeleteQueue"), ("queueName", queue)]).await).map(|_| ()),
+            Conn::Http(c) => http_code(
+                c.call(&[("Action", "DeleteQueue"), ("queueName", queue)])
+                    .await,
+            )
+            .map(|_| ()),
         }
     }
 }
@@ -352,21 +408,27 @@ impl Target {
     async fn conn_for(&self, queue: &str) -> anyhow::Result<Conn> {
         match self {
             Target::Grpc { seed } => {
-                let url = leader_endpoint(seed, queue).await.unwrap_or_else(|_| seed.clone());
+                let url = leader_endpoint(seed, queue)
+                    .await
+                    .unwrap_or_else(|_| seed.clone());
                 Ok(Conn::Grpc(QueueServiceClient::new(connect(&url).await?)))
             }
-            Target::Http { endpoint, secret_id, secret_key } => {
-                Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?))
-            }
+            Target::Http {
+                endpoint,
+                secret_id,
+                secret_key,
+            } => Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?)),
         }
     }
 
     async fn admin(&self) -> anyhow::Result<Conn> {
         match self {
             Target::Grpc { seed } => Ok(Conn::Grpc(QueueServiceClient::new(connect(seed).await?))),
-            Target::Http { endpoint, secret_id, secret_key } => {
-                Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?))
-            }
+            Target::Http {
+                endpoint,
+                secret_id,
+                secret_key,
+            } => Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?)),
         }
     }
 }
@@ -375,13 +437,23 @@ impl Target {
 async fn leader_endpoint(seed: &str, queue: &str) -> anyhow::Result<String> {
     let ch = connect(seed).await?;
     let group = QueueServiceClient::new(ch.clone())
-        .get_queue_attributes(QueueNameRequest { queue_name: queue.into() })
+        .get_queue_attributes(QueueNameRequest {
+            queue_name: queue.into(),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("{}", CmqError::from_status(&s)))?
         .into_inner()
         .group;
-    let status = ClusterServiceClient::new(ch).cluster_status(Empty {}).await?.into_inner();
-    let leader = status.groups.iter().find(|g| g.group == group).map(|g| g.leader).unwrap_or(0);
+    let status = ClusterServiceClient::new(ch)
+        .cluster_status(Empty {})
+        .await?
+        .into_inner();
+    let leader = status
+        .groups
+        .iter()
+        .find(|g| g.group == group)
+        .map(|g| g.leader)
+        .unwrap_or(0);
     Ok(status
         .members
         .iter()
@@ -458,10 +530,13 @@ fn spawn_consumers(
                         }
                     };
                     // Every message is deleted on its own, all of a batch's deletes at once.
-                    let deletes = msgs.into_iter().zip(deleters.iter_mut()).map(|((handle, body), d)| {
-                        let queue = queue.clone();
-                        async move { (d.delete(&queue, handle).await, body) }
-                    });
+                    let deletes =
+                        msgs.into_iter()
+                            .zip(deleters.iter_mut())
+                            .map(|((handle, body), d)| {
+                                let queue = queue.clone();
+                                async move { (d.delete(&queue, handle).await, body) }
+                            });
                     for (r, body) in futures::future::join_all(deletes).await {
                         let now = Instant::now();
                         match r {
@@ -469,7 +544,9 @@ fn spawn_consumers(
                                 st.completed += 1;
                                 st.bytes += body.len() as u64;
                                 if let Some(ns) = sent_ns(&body) {
-                                    let lat = (origin.elapsed().as_nanos() as u64).saturating_sub(ns) / 1000;
+                                    let lat = (origin.elapsed().as_nanos() as u64)
+                                        .saturating_sub(ns)
+                                        / 1000;
                                     let _ = st.latency.record(lat.max(1));
                                 }
                             }
@@ -550,7 +627,10 @@ async fn publisher_conns(
             for i in 0..n {
                 let qi = i % queues.len();
                 let chs = &channels[&url_of[qi]];
-                out.push((Conn::Grpc(QueueServiceClient::new(chs[i % chs.len()].clone())), queues[qi].clone()));
+                out.push((
+                    Conn::Grpc(QueueServiceClient::new(chs[i % chs.len()].clone())),
+                    queues[qi].clone(),
+                ));
             }
         }
         Target::Http { .. } => {
@@ -563,13 +643,20 @@ async fn publisher_conns(
     Ok(out)
 }
 
-async fn run_workload(args: &BenchArgs, name: &str, target: &Target, run_id: u32) -> anyhow::Result<Outcome> {
+async fn run_workload(
+    args: &BenchArgs,
+    name: &str,
+    target: &Target,
+    run_id: u32,
+) -> anyhow::Result<Outcome> {
     let origin = Instant::now();
     let inflight = |d: usize| args.inflight.unwrap_or(d);
     let queues: Vec<String> = match name {
         "W1" => vec![format!("bench-w1-{run_id}")],
         "W2" => vec![format!("bench-w2-{run_id}")],
-        "W3" => (0..args.w3_queues).map(|i| format!("bench-w3-{run_id}-{i}")).collect(),
+        "W3" => (0..args.w3_queues)
+            .map(|i| format!("bench-w3-{run_id}-{i}"))
+            .collect(),
         other => bail!("unknown workload {other:?} (use W1, W2, W3)"),
     };
     let mut admin = target.admin().await?;
@@ -598,7 +685,10 @@ async fn run_workload(args: &BenchArgs, name: &str, target: &Target, run_id: u32
     }
     let w = {
         let start = Instant::now() + Duration::from_secs(args.warmup_s);
-        Window { start, end: start + Duration::from_secs(args.duration_s) }
+        Window {
+            start,
+            end: start + Duration::from_secs(args.duration_s),
+        }
     };
     let bar = tokio::spawn(progress(w, name.to_string(), args.json));
     let pub_tasks = spawn_publishers(args, w, pubs, origin);
@@ -694,7 +784,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let dir = match &args.data_dir {
         Some(d) => d.clone(),
-        None => tempfile::Builder::new().prefix("meridian-bench-").tempdir()?.keep(),
+        None => tempfile::Builder::new()
+            .prefix("meridian-bench-")
+            .tempdir()?
+            .keep(),
     };
     let fsync = fsync_rate(&dir)?;
     if !args.json {
@@ -709,9 +802,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let target = match (&args.endpoint, args.protocol) {
         (Some(e), Protocol::Grpc) => Target::Grpc { seed: e.clone() },
         (Some(e), Protocol::Http) => match (&args.secret_id, &args.secret_key) {
-            (Some(id), Some(key)) => {
-                Target::Http { endpoint: e.clone(), secret_id: id.clone(), secret_key: key.clone() }
-            }
+            (Some(id), Some(key)) => Target::Http {
+                endpoint: e.clone(),
+                secret_id: id.clone(),
+                secret_key: key.clone(),
+            },
             _ => bail!("--protocol http with --endpoint needs --secret-id and --secret-key"),
         },
         (None, protocol) => {
@@ -724,13 +819,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )?;
             region.wait_ready(Duration::from_secs(60)).await?;
             if !args.json {
-                println!("local region: {} (data in {})", region.grpc.join(" "), region.dir.display());
+                println!(
+                    "local region: {} (data in {})",
+                    region.grpc.join(" "),
+                    region.dir.display()
+                );
             }
             let target = match protocol {
-                Protocol::Grpc => Target::Grpc { seed: region.grpc[0].clone() },
+                Protocol::Grpc => Target::Grpc {
+                    seed: region.grpc[0].clone(),
+                },
                 Protocol::Http => {
                     let (secret_id, secret_key) = region.dev_credential().await?;
-                    Target::Http { endpoint: region.http[0].clone(), secret_id, secret_key }
+                    Target::Http {
+                        endpoint: region.http[0].clone(),
+                        secret_id,
+                        secret_key,
+                    }
                 }
             };
             local = Some(region);

@@ -25,10 +25,17 @@ impl CmqHttp {
     pub fn new(endpoint: &str, secret_id: &str, secret_key: &str) -> anyhow::Result<Self> {
         let addr = endpoint
             .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("the bench's HTTP client needs an http:// endpoint, got {endpoint:?}"))?
+            .ok_or_else(|| {
+                anyhow!("the bench's HTTP client needs an http:// endpoint, got {endpoint:?}")
+            })?
             .trim_end_matches('/')
             .to_string();
-        Ok(Self { addr, secret_id: secret_id.into(), secret_key: secret_key.into(), conn: None })
+        Ok(Self {
+            addr,
+            secret_id: secret_id.into(),
+            secret_key: secret_key.into(),
+            conn: None,
+        })
     }
 
     /// Calls one action; reconnects once if the kept-alive connection was closed.
@@ -44,11 +51,15 @@ impl CmqHttp {
 
     async fn try_call(&mut self, params: &[(&str, &str)]) -> anyhow::Result<CmqReply> {
         if self.conn.is_none() {
-            let s = TcpStream::connect(&self.addr).await.with_context(|| format!("connect {}", self.addr))?;
+            let s = TcpStream::connect(&self.addr)
+                .await
+                .with_context(|| format!("connect {}", self.addr))?;
             s.set_nodelay(true)?;
             self.conn = Some(BufReader::new(s));
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
         let body = sign_form(
             params,
             &self.secret_id,
@@ -88,7 +99,9 @@ impl CmqHttp {
         let mut buf = vec![0; len.ok_or_else(|| anyhow!("reply without Content-Length"))?];
         conn.read_exact(&mut buf).await?;
         let body: Value = serde_json::from_slice(&buf)?;
-        let code = body["code"].as_u64().ok_or_else(|| anyhow!("reply without integer code"))? as u32;
+        let code = body["code"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("reply without integer code"))? as u32;
         Ok(CmqReply { code, body })
     }
 }

@@ -4,8 +4,8 @@
 #![allow(clippy::result_large_err)]
 
 mod bench;
-mod cmq_client;
 mod client;
+mod cmq_client;
 mod dev;
 
 use std::path::PathBuf;

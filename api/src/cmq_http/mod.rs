@@ -19,8 +19,10 @@ pub fn sign_form(
     now_s: u64,
     nonce: u64,
 ) -> String {
-    let mut pairs: Vec<(String, String)> =
-        params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut pairs: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     if !pairs.iter().any(|(k, _)| k == "Timestamp") {
         pairs.push(("Timestamp".into(), now_s.to_string()));
     }
@@ -29,10 +31,17 @@ pub fn sign_form(
     }
     pairs.push(("SecretId".into(), secret_id.into()));
     let method = SignatureMethod::from_param(
-        pairs.iter().find(|(k, _)| k == "SignatureMethod").map(|(_, v)| v.as_str()),
+        pairs
+            .iter()
+            .find(|(k, _)| k == "SignatureMethod")
+            .map(|(_, v)| v.as_str()),
     );
     let p = Params { pairs };
-    let signature = sign(secret_key, method, &string_to_sign(http_method, host, path, &p, false));
+    let signature = sign(
+        secret_key,
+        method,
+        &string_to_sign(http_method, host, path, &p, false),
+    );
     let mut pairs = p.pairs;
     pairs.push(("Signature".into(), signature));
     encode_form(&pairs)
