@@ -72,6 +72,18 @@ pub enum GroupRequest {
 }
 
 impl GroupRequest {
+    /// Requests with no effect on the leader, safe to retry elsewhere.
+    fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            GroupRequest::GetQueue { .. }
+                | GroupRequest::ListQueues { .. }
+                | GroupRequest::DeadLetterSources { .. }
+                | GroupRequest::ListCredentials
+                | GroupRequest::GetCredential { .. }
+        )
+    }
+
     /// The longest this request may legitimately take on the leader.
     fn max_wait(&self) -> Duration {
         match self {
@@ -305,13 +317,12 @@ impl RegionNode {
         match client.forward(request).await {
             Ok(reply) => decode::<Result<GroupReply, ForwardError>>(&reply.into_inner().payload)
                 .map_err(|e| ForwardError::Cmq(CmqError::internal(e)))?,
-            // A write may or may not have been applied: only the client can decide to retry.
-            Err(s) if matches!(req, GroupRequest::Write(_)) => {
-                Err(ForwardError::Cmq(CmqError::internal(format!(
-                    "leader node {leader} did not answer ({}); the outcome is unknown",
-                    s.message()
-                ))))
-            }
+            // A write, a receive or a nonce check may or may not have taken effect: only the
+            // client can decide to retry.
+            Err(s) if !req.is_read_only() => Err(ForwardError::Cmq(CmqError::internal(format!(
+                "leader node {leader} did not answer ({}); the outcome is unknown",
+                s.message()
+            )))),
             Err(_) => Err(ForwardError::NotLeader),
         }
     }

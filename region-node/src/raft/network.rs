@@ -8,7 +8,8 @@ use std::time::Duration;
 use meridian_api::raftpb::raft_transport_client::RaftTransportClient;
 use meridian_api::raftpb::GroupMessage;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,6 +22,9 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{NodeId, TypeConfig};
+
+/// Largest encoded Raft message sent (the gRPC limit is 64 MiB on both ends).
+const MAX_RPC_BYTES: usize = 48 << 20;
 
 /// Channels to the other nodes of the region, by node id.
 #[derive(Default)]
@@ -100,10 +104,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 }
 
 impl GroupConnection {
+    /// `entries`: the entry count of an AppendEntries request (to split an oversized one).
     async fn call<Req, Resp, E>(
         &mut self,
         kind: RpcKind,
         req: &Req,
+        entries: Option<usize>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
@@ -117,9 +123,19 @@ impl GroupConnection {
                 why,
             ))));
         };
+        let payload = encode(req);
+        if payload.len() > MAX_RPC_BYTES {
+            if let Some(entries) = entries {
+                // openraft retries with fewer entries per message.
+                let hint = (entries as u64 / 2).max(1);
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(hint),
+                ));
+            }
+        }
         let mut request = tonic::Request::new(GroupMessage {
             group: self.group,
-            payload: encode(req),
+            payload,
         });
         request.set_timeout(option.hard_ttl());
         let reply = match kind {
@@ -154,7 +170,8 @@ impl RaftNetwork<TypeConfig> for GroupConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Append, &rpc, &option).await
+        let n = rpc.entries.len();
+        self.call(RpcKind::Append, &rpc, Some(n), &option).await
     }
 
     async fn install_snapshot(
@@ -165,7 +182,7 @@ impl RaftNetwork<TypeConfig> for GroupConnection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(RpcKind::Snapshot, &rpc, &option).await
+        self.call(RpcKind::Snapshot, &rpc, None, &option).await
     }
 
     async fn vote(
@@ -173,6 +190,6 @@ impl RaftNetwork<TypeConfig> for GroupConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Vote, &rpc, &option).await
+        self.call(RpcKind::Vote, &rpc, None, &option).await
     }
 }

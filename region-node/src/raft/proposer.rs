@@ -14,6 +14,18 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::Raft;
 use crate::command::{Command, CommandBatch, OpResult};
 
+/// Upper bound on one batch's message bytes, so an entry always fits a replication RPC.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Approximate payload bytes of a command (message bodies dominate).
+fn weight(cmd: &Command) -> usize {
+    match &cmd.op {
+        crate::command::Op::Send { bodies, .. } => bodies.iter().map(Vec::len).sum::<usize>() + 64,
+        crate::command::Op::Transfer { body, .. } => body.len() + 64,
+        _ => 64,
+    }
+}
+
 /// Why a proposal has no result.
 #[derive(Debug, Clone)]
 pub enum ProposeError {
@@ -62,18 +74,37 @@ async fn run(
     max_batch: usize,
     slots: Arc<Semaphore>,
 ) {
-    while let Some(first) = rx.recv().await {
+    let mut next: Option<Queued> = None;
+    loop {
+        let first = match next.take() {
+            Some(q) => q,
+            None => match rx.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
         // Wait for a free slot before draining, so the batch grows while entries are in flight.
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
+        let mut bytes = weight(&first.cmd);
         let mut queued = vec![first];
-        while queued.len() < max_batch {
+        let mut carry = None;
+        while queued.len() < max_batch && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(q) => queued.push(q),
+                Ok(q) => {
+                    let w = weight(&q.cmd);
+                    if bytes + w > MAX_BATCH_BYTES {
+                        carry = Some(q);
+                        break;
+                    }
+                    bytes += w;
+                    queued.push(q);
+                }
                 Err(_) => break,
             }
         }
+        next = carry;
         let (commands, replies): (Vec<Command>, Vec<_>) =
             queued.into_iter().map(|q| (q.cmd, q.reply)).unzip();
         let raft = raft.clone();

@@ -34,18 +34,50 @@ pub struct QueueNotifier {
 }
 
 impl QueueNotifier {
-    pub fn watch(&self, key: &QueueKey) -> Arc<Notify> {
-        self.waiters
+    /// The notifier of `key`, held while a long poll waits on it.
+    pub fn watch(&self, key: &QueueKey) -> Watch<'_> {
+        let notify = self
+            .waiters
             .lock()
             .expect("notifier lock")
             .entry(key.clone())
             .or_default()
-            .clone()
+            .clone();
+        Watch {
+            notifier: self,
+            key: key.clone(),
+            notify,
+        }
     }
 
     fn wake(&self, key: &QueueKey) {
         if let Some(n) = self.waiters.lock().expect("notifier lock").get(key) {
             n.notify_waiters();
+        }
+    }
+}
+
+/// A long poll's hold on a queue's notifier; the entry is dropped with the last holder, so
+/// client-chosen queue names do not accumulate.
+pub struct Watch<'a> {
+    notifier: &'a QueueNotifier,
+    key: QueueKey,
+    notify: Arc<Notify>,
+}
+
+impl std::ops::Deref for Watch<'_> {
+    type Target = Notify;
+    fn deref(&self) -> &Notify {
+        &self.notify
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.notifier.waiters.lock().expect("notifier lock");
+        // One reference in the map and ours: nobody else waits.
+        if Arc::strong_count(&self.notify) <= 2 {
+            waiters.remove(&self.key);
         }
     }
 }
@@ -57,6 +89,8 @@ pub struct SharedState {
     pub notifier: QueueNotifier,
     /// Snapshots installed from a leader since start.
     pub snapshots_installed: std::sync::atomic::AtomicU64,
+    /// Serialises snapshot writes.
+    snapshot_store: Mutex<()>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,6 +135,7 @@ impl StateMachineStore {
                 applied: RwLock::new(applied),
                 notifier: QueueNotifier::default(),
                 snapshots_installed: Default::default(),
+                snapshot_store: Mutex::new(()),
             }),
         })
     }
@@ -114,7 +149,19 @@ impl StateMachineStore {
             .transpose()
     }
 
+    /// Stores `stored` unless a newer snapshot is already stored (a slow build racing an
+    /// install must not replace it: logs up to the newer one may already be purged).
     fn store_snapshot(&self, stored: &StoredSnapshot) -> StResult<()> {
+        let _serial = self
+            .shared
+            .snapshot_store
+            .lock()
+            .expect("snapshot store lock");
+        if let Some(current) = Self::load_snapshot(self.group, &self.engine)? {
+            if current.meta.last_log_id > stored.meta.last_log_id {
+                return Ok(());
+            }
+        }
         let mut b = WriteBatch::default();
         let bytes = bincode::serialize(stored).map_err(|e| sm_err(&e))?;
         b.put_cf(
@@ -230,9 +277,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data,
         })?;
-        *self.shared.state.write().expect("state lock") = body.state;
-        *self.shared.applied.write().expect("applied lock") =
-            (meta.last_log_id, meta.last_membership.clone());
+        // Both under their locks at once (state, then applied, as everywhere): a snapshot build
+        // must never pair the new state with the old applied index.
+        let mut state = self.shared.state.write().expect("state lock");
+        let mut applied = self.shared.applied.write().expect("applied lock");
+        *state = body.state;
+        *applied = (meta.last_log_id, meta.last_membership.clone());
+        drop(applied);
+        drop(state);
         self.shared
             .snapshots_installed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -57,7 +57,9 @@ pub struct StorageMetrics {
 
 pub struct Engine {
     db: Arc<DB>,
-    writer: mpsc::Sender<LogJob>,
+    /// `None` only while dropping.
+    writer: Option<mpsc::Sender<LogJob>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     pub metrics: Arc<StorageMetrics>,
 }
 
@@ -78,13 +80,14 @@ impl Engine {
         let (tx, rx) = mpsc::channel::<LogJob>();
         let writer_db = db.clone();
         let m = metrics.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || run_writer(writer_db, rx, m))
             .map_err(|e| NodeError::Storage(format!("spawn log writer: {e}")))?;
         Ok(Self {
             db,
-            writer: tx,
+            writer: Some(tx),
+            writer_thread: Some(thread),
             metrics,
         })
     }
@@ -108,8 +111,23 @@ impl Engine {
 
     /// Queues a job for the log writer.
     pub fn submit(&self, job: LogJob) {
-        if let Err(mpsc::SendError(job)) = self.writer.send(job) {
+        let sent = match &self.writer {
+            Some(w) => w.send(job).map_err(|mpsc::SendError(job)| job),
+            None => Err(job),
+        };
+        if let Err(job) = sent {
             (job.done)(Err(io::Error::other("log writer stopped")));
+        }
+    }
+}
+
+impl Drop for Engine {
+    /// Finishes queued jobs and releases the database before returning, so the directory can
+    /// be reopened right away.
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -262,7 +262,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }],
             // Not acknowledged by itself: the next append's sync makes it durable, in order.
             sync: false,
-            done: Box::new(move |_| {
+            done: Box::new(move |r| {
+                if r.is_err() {
+                    // Keep hiding the stale tail; the same failed batch failed later appends too.
+                    return;
+                }
                 let mut p = pending.lock().expect("pending lock");
                 if let Some(n) = p.truncations.get_mut(&index) {
                     *n -= 1;
