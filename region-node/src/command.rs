@@ -66,6 +66,7 @@ pub enum Op {
     },
     Send {
         key: QueueKey,
+        #[serde(with = "byte_vecs")]
         bodies: Vec<Vec<u8>>,
         delay_seconds: u32,
     },
@@ -83,6 +84,7 @@ pub enum Op {
         source_group: u32,
         transfer_id: u64,
         key: QueueKey,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
     /// The source group learns that its outbox up to `upto` reached the destination.
@@ -130,9 +132,30 @@ pub struct Delivered {
     pub queue_id: String,
     pub seq: u64,
     pub msg_id: String,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     pub enqueue_ms: i64,
     pub first_dequeue_ms: i64,
     pub next_visible_ms: i64,
     pub dequeue_count: u32,
+}
+
+/// Message bodies as byte strings: serde's default encodes a `Vec<u8>` element by element,
+/// which made a 1 MiB message cost milliseconds to encode and decode on every replica.
+pub mod byte_vecs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<&serde_bytes::Bytes> =
+            v.iter().map(|b| serde_bytes::Bytes::new(b)).collect();
+        bytes.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let bufs: Vec<serde_bytes::ByteBuf> = Vec::deserialize(d)?;
+        Ok(bufs
+            .into_iter()
+            .map(serde_bytes::ByteBuf::into_vec)
+            .collect())
+    }
 }

@@ -71,6 +71,13 @@ pub enum GroupRequest {
     },
 }
 
+/// Whether a failed forward certainly never reached the leader (its connection could not be
+/// made), so even a write can be retried elsewhere.
+fn never_sent(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        && (s.message().contains("tcp connect error") || s.message().contains("Connection refused"))
+}
+
 impl GroupRequest {
     /// Requests with no effect on the leader, safe to retry elsewhere.
     fn is_read_only(&self) -> bool {
@@ -319,10 +326,12 @@ impl RegionNode {
                 .map_err(|e| ForwardError::Cmq(CmqError::internal(e)))?,
             // A write, a receive or a nonce check may or may not have taken effect: only the
             // client can decide to retry.
-            Err(s) if !req.is_read_only() => Err(ForwardError::Cmq(CmqError::internal(format!(
-                "leader node {leader} did not answer ({}); the outcome is unknown",
-                s.message()
-            )))),
+            Err(s) if !req.is_read_only() && !never_sent(&s) => {
+                Err(ForwardError::Cmq(CmqError::internal(format!(
+                    "leader node {leader} did not answer ({}); the outcome is unknown",
+                    s.message()
+                ))))
+            }
             Err(_) => Err(ForwardError::NotLeader),
         }
     }

@@ -188,6 +188,7 @@ impl Region {
 
     pub async fn client(&self, id: u64) -> QueueServiceClient<Channel> {
         QueueServiceClient::new(self.channel(id).await.expect("connect to node"))
+            .max_decoding_message_size(64 << 20)
     }
 
     pub async fn status(&self, id: u64) -> Option<ClusterStatusReply> {

@@ -18,6 +18,7 @@ const NAME_REUSE_DELAY_MS: i64 = 10_000;
 pub struct OutboxEntry {
     pub target_group: u32,
     pub key: QueueKey,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     pub enqueue_ms: i64,
     /// When it may next be received; meaningless once deleted.

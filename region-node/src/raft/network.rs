@@ -23,8 +23,14 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::{NodeId, TypeConfig};
 
-/// Largest encoded Raft message sent (the gRPC limit is 64 MiB on both ends).
-const MAX_RPC_BYTES: usize = 48 << 20;
+/// Largest encoded AppendEntries sent: larger ones are split (openraft resends fewer entries),
+/// so one message is quick to transfer and fsync however big the client messages are.
+const MAX_RPC_BYTES: usize = 4 << 20;
+
+/// openraft bounds replication RPCs by the heartbeat interval (150 ms by default); a message
+/// of several MiB can take longer than that to transfer and fsync on a loaded machine, and a
+/// timeout resends it from scratch forever. Data-carrying RPCs get at least this long.
+const MIN_DATA_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Channels to the other nodes of the region, by node id.
 #[derive(Default)]
@@ -133,11 +139,19 @@ impl GroupConnection {
                 ));
             }
         }
+        let payload_len = payload.len();
         let mut request = tonic::Request::new(GroupMessage {
             group: self.group,
             payload,
         });
-        request.set_timeout(option.hard_ttl());
+        let timeout = match kind {
+            RpcKind::Vote => option.hard_ttl(),
+            RpcKind::Append | RpcKind::Snapshot if payload_len > 64 << 10 => {
+                option.hard_ttl().max(MIN_DATA_RPC_TIMEOUT)
+            }
+            _ => option.hard_ttl(),
+        };
+        request.set_timeout(timeout);
         let reply = match kind {
             RpcKind::Append => client.append_entries(request).await,
             RpcKind::Vote => client.vote(request).await,

@@ -15,7 +15,7 @@ use super::Raft;
 use crate::command::{Command, CommandBatch, OpResult};
 
 /// Upper bound on one batch's message bytes, so an entry always fits a replication RPC.
-const MAX_BATCH_BYTES: usize = 4 << 20;
+const MAX_BATCH_BYTES: usize = 2 << 20;
 
 /// Approximate payload bytes of a command (message bodies dominate).
 fn weight(cmd: &Command) -> usize {
