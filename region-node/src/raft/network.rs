@@ -23,14 +23,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::{NodeId, TypeConfig};
 
-/// Largest encoded AppendEntries sent: larger ones are split (openraft resends fewer entries),
-/// so one message is quick to transfer and fsync however big the client messages are.
+/// Largest encoded AppendEntries sent: larger ones are split (openraft resends fewer entries).
+/// openraft 0.9 cancels every AppendEntries after `heartbeat_interval` and resends the same
+/// range, so one message must stay quick to transfer and fsync however big client messages are.
 const MAX_RPC_BYTES: usize = 4 << 20;
-
-/// openraft bounds replication RPCs by the heartbeat interval (150 ms by default); a message
-/// of several MiB can take longer than that to transfer and fsync on a loaded machine, and a
-/// timeout resends it from scratch forever. Data-carrying RPCs get at least this long.
-const MIN_DATA_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Channels to the other nodes of the region, by node id.
 #[derive(Default)]
@@ -139,19 +135,11 @@ impl GroupConnection {
                 ));
             }
         }
-        let payload_len = payload.len();
         let mut request = tonic::Request::new(GroupMessage {
             group: self.group,
             payload,
         });
-        let timeout = match kind {
-            RpcKind::Vote => option.hard_ttl(),
-            RpcKind::Append | RpcKind::Snapshot if payload_len > 64 << 10 => {
-                option.hard_ttl().max(MIN_DATA_RPC_TIMEOUT)
-            }
-            _ => option.hard_ttl(),
-        };
-        request.set_timeout(timeout);
+        request.set_timeout(option.hard_ttl());
         let reply = match kind {
             RpcKind::Append => client.append_entries(request).await,
             RpcKind::Vote => client.vote(request).await,
