@@ -247,21 +247,11 @@ impl QueueOps {
     }
 
     pub async fn unbind_dead_letter(&self, tenant: &str, name: &str) -> CmqResult<()> {
-        let key = self.key(tenant, name)?;
-        self.view(&key).await?;
         let patch = QueueAttributesPatch {
             dead_letter_policy: Some(None),
             ..Default::default()
         };
-        self.write(
-            &key,
-            Op::SetQueueAttributes {
-                key: key.clone(),
-                patch,
-            },
-        )
-        .await?;
-        Ok(())
+        self.set(tenant, name, patch).await.map(|_| ())
     }
 
     pub async fn dead_letter_sources(
