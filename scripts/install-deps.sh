@@ -5,6 +5,8 @@ set -euo pipefail
 need=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 dpkg -s clang >/dev/null 2>&1 || need+=(clang)
+# The SDK compatibility tests create a virtualenv; Debian's own python3 needs python3-venv.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing system packages: ${need[*]}" >&2
   SUDO=""

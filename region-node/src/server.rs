@@ -86,5 +86,3 @@ pub async fn run(
         Err(e) => Err(NodeError::Network(e.to_string())),
     }
 }
-
-pub type SharedNode = Arc<RegionNode>;

@@ -32,6 +32,11 @@ pub struct Credential {
     pub revoked: bool,
 }
 
+/// Message ids are `<group>-<seq>`: unique in the region, identical on every replica.
+fn msg_id(group: u32, seq: u64) -> String {
+    format!("{group}-{seq}")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupState {
     pub group: u32,
@@ -71,7 +76,7 @@ impl GroupState {
     }
 
     pub fn msg_id(&self, seq: u64) -> String {
-        format!("{}-{}", self.group, seq)
+        msg_id(self.group, seq)
     }
 
     pub fn queue(&self, key: &QueueKey) -> Result<&Queue, CmqError> {
@@ -358,7 +363,7 @@ impl GroupState {
             messages.push(Delivered {
                 queue_id: queue_id.clone(),
                 seq,
-                msg_id: format!("{group}-{seq}"),
+                msg_id: msg_id(group, seq),
                 body: m.body.clone(),
                 enqueue_ms: m.enqueue_ms,
                 first_dequeue_ms: m.first_dequeue_ms,
