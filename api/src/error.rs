@@ -17,9 +17,13 @@ pub enum CmqCode {
     LimitReached = 4450,
     AlreadyExists = 4460,
     BatchTooLarge = 4470,
+    SubscriptionExists = 4490,
+    SubscriptionLimit = 4500,
+    BlankInUrl = 4510,
     Internal = 6000,
     BatchDeletePartial = 6010,
     BatchDeleteFailed = 6020,
+    NoSubscriptionMatched = 6030,
     RecreatedTooSoon = 6040,
     RewindDisabled = 6050,
     NoMessage = 7000,
@@ -43,9 +47,13 @@ impl CmqCode {
             4450 => LimitReached,
             4460 => AlreadyExists,
             4470 => BatchTooLarge,
+            4490 => SubscriptionExists,
+            4500 => SubscriptionLimit,
+            4510 => BlankInUrl,
             6000 => Internal,
             6010 => BatchDeletePartial,
             6020 => BatchDeleteFailed,
+            6030 => NoSubscriptionMatched,
             6040 => RecreatedTooSoon,
             6050 => RewindDisabled,
             7000 => NoMessage,
@@ -110,14 +118,18 @@ impl CmqError {
             CmqCode::InvalidParameter
             | CmqCode::MessageTooLarge
             | CmqCode::InvalidReceiptHandle
-            | CmqCode::BatchTooLarge => tonic::Code::InvalidArgument,
+            | CmqCode::BatchTooLarge
+            | CmqCode::BlankInUrl => tonic::Code::InvalidArgument,
             CmqCode::AuthFailed => tonic::Code::Unauthenticated,
             CmqCode::NotFound => tonic::Code::NotFound,
-            CmqCode::AlreadyExists => tonic::Code::AlreadyExists,
-            CmqCode::HeapFull | CmqCode::LimitReached | CmqCode::Throttled => {
-                tonic::Code::ResourceExhausted
-            }
-            CmqCode::RecreatedTooSoon | CmqCode::RewindDisabled => tonic::Code::FailedPrecondition,
+            CmqCode::AlreadyExists | CmqCode::SubscriptionExists => tonic::Code::AlreadyExists,
+            CmqCode::HeapFull
+            | CmqCode::LimitReached
+            | CmqCode::Throttled
+            | CmqCode::SubscriptionLimit => tonic::Code::ResourceExhausted,
+            CmqCode::RecreatedTooSoon
+            | CmqCode::RewindDisabled
+            | CmqCode::NoSubscriptionMatched => tonic::Code::FailedPrecondition,
             CmqCode::NoMessage => tonic::Code::NotFound,
             CmqCode::Internal | CmqCode::BatchDeletePartial | CmqCode::BatchDeleteFailed => {
                 tonic::Code::Internal

@@ -5,8 +5,11 @@
 //! reading its own clock.
 
 use meridian_api::limits::{QueueAttributes, QueueAttributesPatch};
+use meridian_api::topics::FilterType;
 use meridian_api::CmqError;
 use serde::{Deserialize, Serialize};
+
+use crate::topic::{SubscriptionPatch, SubscriptionSpec};
 
 /// Identifies a queue inside a region: names are unique per tenant, case-insensitively.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -78,21 +81,59 @@ pub enum Op {
         key: QueueKey,
         receipts: Vec<Receipt>,
     },
-    /// A dead-lettered message arriving from another group's outbox. Idempotent per
-    /// `(source_group, transfer_id)`.
-    Transfer {
+    /// Messages arriving from another group's outbox (dead-lettered, or published to a topic
+    /// with a subscribed queue here). Idempotent per `(source_group, item id)`; ids ascend.
+    Transfers {
         source_group: u32,
-        transfer_id: u64,
-        key: QueueKey,
-        #[serde(with = "serde_bytes")]
-        body: Vec<u8>,
+        items: Vec<TransferItem>,
     },
-    /// The source group learns that its outbox up to `upto` reached the destination.
+    /// The source group learns that these outbox entries reached their destination.
     AckTransfers {
-        upto: u64,
+        ids: Vec<u64>,
     },
     /// Housekeeping: retention expiry, rewind-window ends and time-to-live dead-lettering.
     Tick,
+    CreateTopic {
+        tenant: String,
+        name: String,
+        filter_type: FilterType,
+        max_msg_size: u32,
+    },
+    SetTopicAttributes {
+        key: QueueKey,
+        max_msg_size: u32,
+    },
+    DeleteTopic {
+        key: QueueKey,
+    },
+    /// Publishes to a topic: the fan-out to every matching subscription is part of this entry.
+    Publish {
+        key: QueueKey,
+        #[serde(with = "byte_vecs")]
+        bodies: Vec<Vec<u8>>,
+        tags: Vec<String>,
+        routing_key: String,
+        /// Refuse with 6030 when no subscription matches (the leader's configured choice).
+        reject_unmatched: bool,
+    },
+    Subscribe {
+        key: QueueKey,
+        spec: SubscriptionSpec,
+    },
+    SetSubscription {
+        key: QueueKey,
+        name: String,
+        patch: SubscriptionPatch,
+    },
+    Unsubscribe {
+        key: QueueKey,
+        name: String,
+    },
+    /// Outcomes of HTTP push attempts, decided (with retry times) by the leader's push worker.
+    PushResults {
+        key: QueueKey,
+        results: Vec<PushResult>,
+    },
     /// Metadata group: an API key pair for the CMQ HTTP API, owned by tenant `app_id`.
     /// The leader generates the secrets; the command carries them so replicas agree.
     CreateCredential {
@@ -103,6 +144,33 @@ pub enum Op {
     RevokeCredential {
         secret_id: String,
     },
+}
+
+/// One message moved between groups by an outbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransferItem {
+    pub id: u64,
+    pub key: QueueKey,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// The outcome of one HTTP delivery attempt of message `seq` to subscription `subscription`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushResult {
+    /// Lower-cased subscription name.
+    pub subscription: String,
+    pub seq: u64,
+    pub outcome: PushOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PushOutcome {
+    Delivered,
+    /// Failed; try again at this time (Unix ms).
+    RetryAt(i64),
+    /// Failed for the last time.
+    GaveUp,
 }
 
 /// What applying a command produced; errors are results too (they are deterministic).

@@ -14,12 +14,15 @@ pub mod http;
 pub mod node;
 pub mod ops;
 pub mod placement;
+pub mod push;
 pub mod queue;
 pub mod raft;
 pub mod receipt;
 pub mod replay;
 pub mod server;
 pub mod storage;
+pub mod topic;
+pub mod topic_ops;
 
 pub use config::NodeConfig;
 pub use error::NodeError;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::clock::{Clock, SystemClock};
-use crate::command::{Command, Op, OpResult, QueueKey};
+use crate::command::{Command, Op, OpResult, QueueKey, TransferItem};
 use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::placement::{group_of, META_GROUP};
@@ -25,6 +25,13 @@ use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::{NodeId, Raft};
 use crate::receipt::ReceiptSigner;
 use crate::storage::{Engine, LogStore};
+use crate::topic::{SubscriptionView, TopicView};
+
+/// How often a group leader proposes housekeeping (expiry, dead-lettering by time).
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(2);
+/// Bounds of one outbox transfer to one group.
+const OUTBOX_BATCH_ITEMS: usize = 1024;
+const OUTBOX_BATCH_BYTES: usize = 1 << 20;
 
 /// How long a request waits for its group to have a reachable leader.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -57,6 +64,21 @@ pub enum GroupRequest {
     DeadLetterSources {
         dlq: QueueKey,
     },
+    GetTopic {
+        key: QueueKey,
+    },
+    ListTopics {
+        tenant: String,
+        search: String,
+    },
+    GetSubscription {
+        key: QueueKey,
+        name: String,
+    },
+    ListSubscriptions {
+        key: QueueKey,
+        search: String,
+    },
     ListCredentials,
     /// A credential by SecretId, read on the metadata leader (linearizable).
     GetCredential {
@@ -86,6 +108,10 @@ impl GroupRequest {
             GroupRequest::GetQueue { .. }
                 | GroupRequest::ListQueues { .. }
                 | GroupRequest::DeadLetterSources { .. }
+                | GroupRequest::GetTopic { .. }
+                | GroupRequest::ListTopics { .. }
+                | GroupRequest::GetSubscription { .. }
+                | GroupRequest::ListSubscriptions { .. }
                 | GroupRequest::ListCredentials
                 | GroupRequest::GetCredential { .. }
         )
@@ -111,6 +137,9 @@ pub enum GroupReply {
     /// Credentials without their secret keys: `(secret_id, app_id, created_ms, revoked)`.
     Credentials(Vec<(String, u64, i64, bool)>),
     Credential(Option<crate::queue::Credential>),
+    Topic(TopicView),
+    Subscription(SubscriptionView),
+    Subscriptions(Vec<SubscriptionView>),
 }
 
 /// A queue's attributes and counters as GetQueueAttributes reports them.
@@ -257,6 +286,10 @@ impl RegionNode {
         self.groups
             .get(id as usize)
             .ok_or_else(|| CmqError::internal(format!("no group {id} in this region")))
+    }
+
+    pub fn group_ref(&self, id: u32) -> Option<&Group> {
+        self.groups.get(id as usize)
     }
 
     fn member_addr(&self, id: NodeId) -> Option<&str> {
@@ -426,6 +459,45 @@ impl RegionNode {
                             .map(|q| (q.name.clone(), q.queue_id.clone()))
                             .collect(),
                     ),
+                    GroupRequest::GetTopic { key } => {
+                        GroupReply::Topic(state.topic(key).map_err(ForwardError::Cmq)?.into())
+                    }
+                    GroupRequest::ListTopics { tenant, search } => {
+                        let search = search.to_ascii_lowercase();
+                        GroupReply::Queues(
+                            state
+                                .topics
+                                .iter()
+                                .filter(|(k, _)| &k.tenant == tenant && k.name.contains(&search))
+                                .map(|(_, t)| (t.name.clone(), t.topic_id.clone()))
+                                .collect(),
+                        )
+                    }
+                    GroupRequest::GetSubscription { key, name } => {
+                        let t = state.topic(key).map_err(ForwardError::Cmq)?;
+                        let s =
+                            t.subscriptions
+                                .get(&name.to_ascii_lowercase())
+                                .ok_or_else(|| {
+                                    ForwardError::Cmq(CmqError::new(
+                                        meridian_api::CmqCode::NotFound,
+                                        10600,
+                                        format!("subscription {name:?} does not exist"),
+                                    ))
+                                })?;
+                        GroupReply::Subscription(SubscriptionView::new(t, s))
+                    }
+                    GroupRequest::ListSubscriptions { key, search } => {
+                        let t = state.topic(key).map_err(ForwardError::Cmq)?;
+                        let search = search.to_ascii_lowercase();
+                        GroupReply::Subscriptions(
+                            t.subscriptions
+                                .iter()
+                                .filter(|(n, _)| n.contains(&search))
+                                .map(|(_, s)| SubscriptionView::new(t, s))
+                                .collect(),
+                        )
+                    }
                     GroupRequest::GetCredential { secret_id } => {
                         GroupReply::Credential(state.credentials.get(secret_id).cloned())
                     }
@@ -521,18 +593,23 @@ impl RegionNode {
         }
     }
 
-    /// Background duties of a group leader: housekeeping ticks, cross-group dead-letter moves
-    /// and spreading leadership over the members.
+    /// Background duties of a group leader: housekeeping ticks, cross-group moves (dead
+    /// letters, topic fan-out), HTTP push delivery and spreading leadership over the members.
     pub fn spawn_background(self: &Arc<Self>) {
         for g in 0..self.groups.len() as u32 {
             let node = self.clone();
             tokio::spawn(async move { node.leader_duties(g).await });
+            if g != META_GROUP {
+                tokio::spawn(crate::push::run(self.clone(), g));
+            }
         }
     }
 
     async fn leader_duties(self: Arc<Self>, group: u32) {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut balanced = false;
+        let mut last_housekeeping = Instant::now();
         loop {
             tick.tick().await;
             let g = &self.groups[group as usize];
@@ -556,43 +633,66 @@ impl RegionNode {
             if state != ServerState::Leader || group == META_GROUP {
                 continue;
             }
-            let has_queues = !g.shared.state.read().expect("state lock").queues.is_empty();
-            if has_queues {
-                if let Err(e) = self.propose(g, Op::Tick).await {
-                    tracing::debug!(group, "tick: {e:?}");
+            if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
+                last_housekeeping = Instant::now();
+                let busy = {
+                    let s = g.shared.state.read().expect("state lock");
+                    !s.queues.is_empty() || s.topics.values().any(|t| !t.messages.is_empty())
+                };
+                if busy {
+                    if let Err(e) = self.propose(g, Op::Tick).await {
+                        tracing::debug!(group, "tick: {e:?}");
+                    }
                 }
             }
             self.drain_outbox(g).await;
         }
     }
 
+    /// Moves outbox entries to their groups: one `Transfers` command per target group (in id
+    /// order, so the target's idempotence watermark holds), then one acknowledgement here.
     async fn drain_outbox(&self, g: &Group) {
-        let pending: Vec<(u64, crate::queue::OutboxEntry)> = {
+        let mut batches: BTreeMap<u32, (Vec<TransferItem>, usize)> = BTreeMap::new();
+        {
             let s = g.shared.state.read().expect("state lock");
-            s.outbox
-                .iter()
-                .take(256)
-                .map(|(&id, e)| (id, e.clone()))
-                .collect()
-        };
-        let mut done = None;
-        for (id, e) in pending {
-            let op = Op::Transfer {
-                source_group: g.id,
-                transfer_id: id,
-                key: e.key,
-                body: e.body,
-            };
-            match self.execute(e.target_group, GroupRequest::Write(op)).await {
-                Ok(_) => done = Some(id),
-                Err(err) => {
-                    tracing::warn!(group = g.id, "dead-letter transfer {id}: {err}");
-                    break;
+            if s.outbox.is_empty() {
+                return;
+            }
+            for (&id, e) in &s.outbox {
+                let (items, bytes) = batches.entry(e.target_group).or_default();
+                if items.len() >= OUTBOX_BATCH_ITEMS || *bytes >= OUTBOX_BATCH_BYTES {
+                    // Later entries for this target wait for the next round, in order.
+                    continue;
                 }
+                *bytes += e.body.len();
+                items.push(TransferItem {
+                    id,
+                    key: e.key.clone(),
+                    body: e.body.clone(),
+                });
             }
         }
-        if let Some(upto) = done {
-            let _ = self.propose(g, Op::AckTransfers { upto }).await;
+        let sends = batches.into_iter().map(|(target, (items, _))| async move {
+            let ids: Vec<u64> = items.iter().map(|i| i.id).collect();
+            let op = Op::Transfers {
+                source_group: g.id,
+                items,
+            };
+            match self.execute(target, GroupRequest::Write(op)).await {
+                Ok(_) => ids,
+                Err(err) => {
+                    tracing::warn!(group = g.id, target, "outbox transfer: {err}");
+                    Vec::new()
+                }
+            }
+        });
+        let ids: Vec<u64> = futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if !ids.is_empty() {
+            let _ = self.propose(g, Op::AckTransfers { ids }).await;
         }
     }
 

@@ -90,6 +90,7 @@ impl Region {
                     listen: Some(http_addr.parse().unwrap()),
                     ..Default::default()
                 },
+                topics: Default::default(),
             };
             let config_path = node_dir.join("node.toml");
             std::fs::write(&config_path, cfg.to_toml()).unwrap();

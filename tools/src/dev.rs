@@ -99,6 +99,7 @@ fn write_configs(dir: &Path, base_port: u16, data_groups: u32, tls: bool) -> any
                 tls_key: tls_files.as_ref().map(|t| t.2.clone()),
                 ..Default::default()
             },
+            topics: Default::default(),
         };
         let path = config_path(dir, id);
         std::fs::create_dir_all(path.parent().expect("has parent"))?;

@@ -8,23 +8,7 @@ use serde_json::{json, Value};
 
 use crate::node::QueueView;
 use crate::ops::{self, QueueOps, QueuePage, ReceivedMessage};
-
-/// Topic and subscription actions: part of the protocol, served once topics exist.
-const TOPIC_ACTIONS: &[&str] = &[
-    "createtopic",
-    "settopicattributes",
-    "listtopic",
-    "gettopicattributes",
-    "deletetopic",
-    "publishmessage",
-    "batchpublishmessage",
-    "subscribe",
-    "listsubscriptionbytopic",
-    "setsubscriptionattributes",
-    "getsubscriptionattributes",
-    "unsubscribe",
-    "clearsubscriptionfiltertags",
-];
+use crate::topic_ops::TopicOps;
 
 fn patch(p: &Params, creating: bool) -> CmqResult<QueueAttributesPatch> {
     let dead_letter_policy = match p.get("deadLetterPolicy")? {
@@ -90,6 +74,7 @@ fn message(m: &ReceivedMessage) -> Value {
 
 pub async fn dispatch(
     ops: &QueueOps,
+    topics: &TopicOps,
     tenant: &str,
     action: &str,
     p: &Params,
@@ -217,11 +202,8 @@ pub async fn dispatch(
             }
             json!({})
         }
-        a if TOPIC_ACTIONS.contains(&a) => {
-            return Err(CmqError::invalid(
-                10430,
-                format!("action {action} (topics) is not supported by this Meridian version yet"),
-            ))
+        a if super::topic_actions::ACTIONS.contains(&a) => {
+            super::topic_actions::dispatch(topics, tenant, a, p).await?
         }
         _ => {
             return Err(CmqError::invalid(

@@ -3,6 +3,7 @@
 
 mod actions;
 mod auth;
+mod topic_actions;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,12 +23,14 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::error::NodeError;
 use crate::ops::QueueOps;
+use crate::topic_ops::TopicOps;
 
 /// Largest request accepted (CMQ: 1 MB, error 4000/10420).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 pub struct HttpApi {
     pub ops: QueueOps,
+    pub topics: TopicOps,
     pub skew_seconds: u64,
     next_request: AtomicU64,
     node_id: u64,
@@ -37,6 +40,7 @@ impl HttpApi {
     pub fn new(ops: QueueOps, skew_seconds: u64) -> Self {
         let node_id = ops.node.id;
         Self {
+            topics: TopicOps::new(ops.node.clone()),
             ops,
             skew_seconds,
             next_request: AtomicU64::new(1),
@@ -124,7 +128,15 @@ impl HttpApi {
         let tenant =
             auth::authenticate(self, parts.method.as_str(), host, parts.uri.path(), &params)
                 .await?;
-        actions::dispatch(&self.ops, &tenant, &action, &params, request_id).await
+        actions::dispatch(
+            &self.ops,
+            &self.topics,
+            &tenant,
+            &action,
+            &params,
+            request_id,
+        )
+        .await
     }
 }
 

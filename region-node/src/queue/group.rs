@@ -9,11 +9,26 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, Delivered, Op, OpResult, QueueKey, Receipt};
 use crate::placement::group_of;
 use crate::queue::model::Queue;
+use crate::topic::Topic;
 
 /// How long a deleted queue's name stays reserved (CMQ error 6040).
 const NAME_REUSE_DELAY_MS: i64 = 10_000;
 
-/// A dead-lettered message waiting to be moved into a queue of another group.
+/// Queues that received messages during the current apply, for waking long polls. Not state:
+/// it is drained after every apply and ignored by comparisons and snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct Woken(pub Vec<QueueKey>);
+
+impl PartialEq for Woken {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Woken {}
+
+/// A message waiting to be moved into a queue of another group (dead-lettered, or published to
+/// a topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
     pub target_group: u32,
@@ -56,6 +71,13 @@ pub struct GroupState {
     pub clock_ms: i64,
     /// CMQ API credentials by SecretId (metadata group only).
     pub credentials: BTreeMap<String, Credential>,
+    pub topics: BTreeMap<QueueKey, Topic>,
+    /// Recently deleted topic names and when, to refuse re-creation for 10 s.
+    pub deleted_topic_names: BTreeMap<QueueKey, i64>,
+    pub next_topic_num: u64,
+    pub next_subscription_num: u64,
+    #[serde(skip)]
+    pub woken: Woken,
 }
 
 impl GroupState {
@@ -72,6 +94,11 @@ impl GroupState {
             transfers_applied: BTreeMap::new(),
             clock_ms: 0,
             credentials: BTreeMap::new(),
+            topics: BTreeMap::new(),
+            deleted_topic_names: BTreeMap::new(),
+            next_topic_num: 1,
+            next_subscription_num: 1,
+            woken: Woken::default(),
         }
     }
 
@@ -120,28 +147,30 @@ impl GroupState {
             } => self.send(key, bodies, *delay_seconds, now),
             Op::Receive { key, max } => self.receive(key, *max, now),
             Op::Delete { key, receipts } => self.delete(key, receipts, now),
-            Op::Transfer {
+            Op::Transfers {
                 source_group,
-                transfer_id,
-                key,
-                body,
+                items,
             } => {
-                let seen = self
-                    .transfers_applied
-                    .get(source_group)
-                    .copied()
-                    .unwrap_or(0);
-                if *transfer_id > seen {
-                    self.transfers_applied.insert(*source_group, *transfer_id);
-                    // A dead-letter queue deleted meanwhile drops the message, as CMQ does.
-                    if self.queues.contains_key(key) {
-                        self.enqueue(key, body.clone(), now, 0);
+                for item in items {
+                    let seen = self
+                        .transfers_applied
+                        .get(source_group)
+                        .copied()
+                        .unwrap_or(0);
+                    if item.id > seen {
+                        self.transfers_applied.insert(*source_group, item.id);
+                        // A queue deleted meanwhile drops the message, as CMQ does.
+                        if self.queues.contains_key(&item.key) {
+                            self.enqueue(&item.key, item.body.clone(), now, 0);
+                        }
                     }
                 }
                 Ok(OpResult::Done)
             }
-            Op::AckTransfers { upto } => {
-                self.outbox.retain(|&id, _| id > *upto);
+            Op::AckTransfers { ids } => {
+                for id in ids {
+                    self.outbox.remove(id);
+                }
                 Ok(OpResult::Done)
             }
             Op::Tick => {
@@ -151,6 +180,37 @@ impl GroupState {
                 }
                 self.deleted_names
                     .retain(|_, &mut at| at + NAME_REUSE_DELAY_MS > now);
+                self.expire_topic_messages(now);
+                self.deleted_topic_names
+                    .retain(|_, &mut at| at + NAME_REUSE_DELAY_MS > now);
+                Ok(OpResult::Done)
+            }
+            Op::CreateTopic {
+                tenant,
+                name,
+                filter_type,
+                max_msg_size,
+            } => self.create_topic(tenant, name, *filter_type, *max_msg_size, now),
+            Op::SetTopicAttributes { key, max_msg_size } => self.topic_mut(key).map(|t| {
+                t.max_msg_size = *max_msg_size;
+                t.modified_ms = now;
+                OpResult::Done
+            }),
+            Op::DeleteTopic { key } => self.delete_topic(key, now),
+            Op::Publish {
+                key,
+                bodies,
+                tags,
+                routing_key,
+                reject_unmatched,
+            } => self.publish(key, bodies, tags, routing_key, *reject_unmatched, now),
+            Op::Subscribe { key, spec } => self.subscribe(key, spec, now),
+            Op::SetSubscription { key, name, patch } => {
+                self.set_subscription(key, name, patch, now)
+            }
+            Op::Unsubscribe { key, name } => self.unsubscribe(key, name),
+            Op::PushResults { key, results } => {
+                self.push_results(key, results);
                 Ok(OpResult::Done)
             }
             Op::CreateCredential {
@@ -245,7 +305,29 @@ impl GroupState {
         Ok(OpResult::Done)
     }
 
-    fn enqueue(&mut self, key: &QueueKey, body: Vec<u8>, now: i64, delay: u32) -> u64 {
+    /// Puts a message into a queue of this tenant: here if the queue lives in this group (gone
+    /// queues drop it), otherwise into the outbox for its group.
+    pub(crate) fn route_to_queue(&mut self, key: &QueueKey, body: Vec<u8>, now: i64) {
+        let target_group = group_of(key, self.data_groups);
+        if target_group == self.group {
+            if self.queues.contains_key(key) {
+                self.enqueue(key, body, now, 0);
+            }
+        } else {
+            let id = self.next_transfer_id;
+            self.next_transfer_id += 1;
+            self.outbox.insert(
+                id,
+                OutboxEntry {
+                    target_group,
+                    key: key.clone(),
+                    body,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn enqueue(&mut self, key: &QueueKey, body: Vec<u8>, now: i64, delay: u32) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         let q = self
@@ -253,6 +335,9 @@ impl GroupState {
             .get_mut(key)
             .expect("caller checked the queue exists");
         q.insert(seq, body, now, delay);
+        if self.woken.0.last() != Some(key) {
+            self.woken.0.push(key.clone());
+        }
         seq
     }
 
@@ -323,24 +408,8 @@ impl GroupState {
                 moved.push(m.body);
             }
         }
-        let target_group = group_of(&dlq, self.data_groups);
         for body in moved {
-            if target_group == self.group {
-                if self.queues.contains_key(&dlq) {
-                    self.enqueue(&dlq, body, now, 0);
-                }
-            } else {
-                let id = self.next_transfer_id;
-                self.next_transfer_id += 1;
-                self.outbox.insert(
-                    id,
-                    OutboxEntry {
-                        target_group,
-                        key: dlq.clone(),
-                        body,
-                    },
-                );
-            }
+            self.route_to_queue(&dlq, body, now);
         }
     }
 

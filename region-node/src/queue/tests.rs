@@ -242,16 +242,18 @@ fn dead_letter_queue_in_another_group_goes_through_outbox() {
             attrs: Default::default(),
         },
     ));
-    let transfer = Op::Transfer {
+    let transfer = Op::Transfers {
         source_group: 1,
-        transfer_id: id,
-        key: e.key.clone(),
-        body: e.body.clone(),
+        items: vec![crate::command::TransferItem {
+            id,
+            key: e.key.clone(),
+            body: e.body.clone(),
+        }],
     };
     t.apply(&c(T0, transfer.clone()));
     t.apply(&c(T0, transfer));
     assert_eq!(t.queues[&QueueKey::new("", &dlq)].live_count(), 1);
-    s.apply(&c(T0, Op::AckTransfers { upto: id }));
+    s.apply(&c(T0, Op::AckTransfers { ids: vec![id] }));
     assert!(s.outbox.is_empty());
 }
 

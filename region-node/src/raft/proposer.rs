@@ -21,7 +21,12 @@ const MAX_BATCH_BYTES: usize = 2 << 20;
 fn weight(cmd: &Command) -> usize {
     match &cmd.op {
         crate::command::Op::Send { bodies, .. } => bodies.iter().map(Vec::len).sum::<usize>() + 64,
-        crate::command::Op::Transfer { body, .. } => body.len() + 64,
+        crate::command::Op::Transfers { items, .. } => {
+            items.iter().map(|i| i.body.len() + 64).sum::<usize>() + 64
+        }
+        crate::command::Op::Publish { bodies, .. } => {
+            bodies.iter().map(Vec::len).sum::<usize>() + 64
+        }
         _ => 64,
     }
 }

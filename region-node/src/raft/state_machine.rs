@@ -235,14 +235,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(batch) => {
                         let mut out = Vec::with_capacity(batch.commands.len());
                         for cmd in &batch.commands {
-                            match &cmd.op {
-                                Op::Send { key, .. }
-                                | Op::RewindQueue { key, .. }
-                                | Op::Transfer { key, .. } => woken.push(key.clone()),
-                                _ => {}
+                            if let Op::RewindQueue { key, .. } = &cmd.op {
+                                woken.push(key.clone());
                             }
                             out.push(state.apply(cmd));
                         }
+                        woken.append(&mut state.woken.0);
                         results.push(out);
                     }
                     EntryPayload::Membership(m) => {
