@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use meridian_api::pb::cluster_service_server::ClusterServiceServer;
 use meridian_api::pb::queue_service_server::QueueServiceServer;
+use meridian_api::pb::topic_service_server::TopicServiceServer;
 use meridian_api::raftpb::raft_transport_server::RaftTransportServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -52,6 +53,12 @@ pub async fn run(
         .add_service(
             QueueServiceServer::new(QueueApi {
                 ops: crate::ops::QueueOps::new(node.clone()),
+            })
+            .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            TopicServiceServer::new(crate::grpc::TopicApi {
+                ops: crate::topic_ops::TopicOps::new(node.clone()),
             })
             .max_decoding_message_size(MAX_MESSAGE),
         )

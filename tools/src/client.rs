@@ -27,7 +27,7 @@ fn resolve(ep: &Endpoint) -> String {
         .unwrap_or_else(|| format!("http://127.0.0.1:{}", crate::dev::DEFAULT_BASE_PORT + 1))
 }
 
-async fn channel(ep: &Endpoint) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(ep: &Endpoint) -> anyhow::Result<Channel> {
     let url = resolve(ep);
     tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("invalid endpoint {url:?}"))?
@@ -41,7 +41,7 @@ async fn queues(ep: &Endpoint) -> anyhow::Result<QueueServiceClient<Channel>> {
 }
 
 /// A CMQ error as `(<code>) <message>`, so scripts can match the code.
-fn cmq(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn cmq(status: tonic::Status) -> anyhow::Error {
     let e = CmqError::from_status(&status);
     anyhow!("({}) {}", e.code.as_u32(), e.message)
 }

@@ -1,4 +1,4 @@
-//! `meridian`: run a node or a local dev region, and administer and use queues from the shell.
+//! `meridian`: run a node or a local dev region, and administer and use queues and topics from the shell.
 
 // tonic::Status is a large error type we do not control.
 #![allow(clippy::result_large_err)]
@@ -7,6 +7,7 @@ mod bench;
 mod client;
 mod cmq_client;
 mod dev;
+mod topic_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,33 @@ enum Cmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Create, inspect, change, list and delete topics.
+    Topic {
+        #[command(subcommand)]
+        cmd: topic_cli::TopicCmd,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Subscribe queues and HTTP endpoints to topics, and manage those subscriptions.
+    Subscription {
+        #[command(subcommand)]
+        cmd: topic_cli::SubscriptionCmd,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Publish one message to a topic; prints its message id.
+    Publish {
+        topic: String,
+        body: String,
+        /// Message tag (repeatable, at most 5; tag topics).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Routing key, dot-separated words (routing-key topics).
+        #[arg(long, default_value = "")]
+        routing_key: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Load generator: the peerbench workloads W1-W3 against a region (or a local one it starts).
     Bench(bench::BenchArgs),
     /// Create, list and revoke SecretId/SecretKey pairs for the CMQ HTTP API.
@@ -151,6 +179,15 @@ fn main() -> ExitCode {
                 receipt_handle,
                 endpoint,
             } => client::delete(&endpoint, &queue, receipt_handle).await,
+            Cmd::Topic { cmd, endpoint } => topic_cli::topic(cmd, &endpoint).await,
+            Cmd::Subscription { cmd, endpoint } => topic_cli::subscription(cmd, &endpoint).await,
+            Cmd::Publish {
+                topic,
+                body,
+                tags,
+                routing_key,
+                endpoint,
+            } => topic_cli::publish(&endpoint, &topic, body, tags, routing_key).await,
             Cmd::Credential { cmd, endpoint } => client::credential(cmd, &endpoint).await,
             Cmd::Cluster {
                 cmd: ClusterCmd::Status,

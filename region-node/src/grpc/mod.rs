@@ -1,11 +1,13 @@
-//! gRPC front ends: the client API (queues, cluster status) and the node-to-node transport.
+//! gRPC front ends: the client API (queues, topics, credentials, cluster status) and the node-to-node transport.
 
 mod cluster_api;
 mod credential_api;
 mod queue_api;
 mod raft_service;
+mod topic_api;
 
 pub use cluster_api::ClusterApi;
 pub use credential_api::CredentialApi;
 pub use queue_api::QueueApi;
 pub use raft_service::RaftTransportService;
+pub use topic_api::TopicApi;
