@@ -99,6 +99,32 @@ async fn official_python_sdk_drives_the_queue_api() {
     eprintln!("{}", out.trim());
 }
 
+/// The topic surface through the official SDK: fan-out by tags and routing keys, HTTP push in
+/// both formats with retries (tests/python/cmq_topic_compat.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_sdk_drives_the_topic_api() {
+    let venv = sdk_venv();
+    let region = Region::start(3, 3).await;
+    let mut creds = CredentialServiceClient::new(region.channel(1).await.unwrap());
+    let main = creds
+        .create_credential(CreateCredentialRequest { app_id: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/cmq_topic_compat.py");
+    let scratch = tempfile::tempdir().unwrap();
+    let host = format!("http://{}", region.http_addr(2));
+    let out = run(
+        Command::new(venv.path().join("bin/python"))
+            .arg(&script)
+            .args([&host, &main.secret_id, &main.secret_key])
+            .current_dir(scratch.path()),
+        "cmq_topic_compat.py",
+    );
+    assert!(out.contains("OK "), "{out}");
+    eprintln!("{}", out.trim());
+}
+
 const HTTPS_SCRIPT: &str = r#"
 import sys
 from cmq.account import Account

@@ -221,7 +221,11 @@ impl TopicService for TopicApi {
             .await
             .map(|p| ListSubscriptionReply {
                 total_count: p.total,
-                subscriptions: p.subscriptions.into_iter().map(subscription_to_pb).collect(),
+                subscriptions: p
+                    .subscriptions
+                    .into_iter()
+                    .map(subscription_to_pb)
+                    .collect(),
             }))
     }
 
