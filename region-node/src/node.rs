@@ -460,7 +460,9 @@ impl RegionNode {
                             .collect(),
                     ),
                     GroupRequest::GetTopic { key } => {
-                        GroupReply::Topic(state.topic(key).map_err(ForwardError::Cmq)?.into())
+                        let mut v: TopicView = state.topic(key).map_err(ForwardError::Cmq)?.into();
+                        v.group = g.id;
+                        GroupReply::Topic(v)
                     }
                     GroupRequest::ListTopics { tenant, search } => {
                         let search = search.to_ascii_lowercase();

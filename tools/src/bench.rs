@@ -17,6 +17,7 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use meridian_api::pb::cluster_service_client::ClusterServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
+use meridian_api::pb::topic_service_client::TopicServiceClient;
 use meridian_api::pb::*;
 use meridian_api::CmqError;
 use tokio::time::Instant;
@@ -32,7 +33,8 @@ pub enum Protocol {
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
-    /// Workloads, comma separated: W1 (durable send), W2 (send-receive-delete), W3 (many queues).
+    /// Workloads, comma separated: W1 (durable send), W2 (send-receive-delete), W3 (many queues),
+    /// T1 (publish to a topic fanning out to `--t1-subscriptions` queues; not in peerbench).
     #[arg(long, value_delimiter = ',', default_value = "W1,W2,W3")]
     workload: Vec<String>,
     /// Client protocol.
@@ -80,6 +82,12 @@ pub struct BenchArgs {
     /// W3: sends in flight, spread round-robin over the queues.
     #[arg(long, default_value_t = 64)]
     w3_inflight: usize,
+    /// T1: queue subscriptions of the topic (every publish goes to all of them).
+    #[arg(long, default_value_t = 10)]
+    t1_subscriptions: usize,
+    /// T1: publishes in flight.
+    #[arg(long, default_value_t = 64)]
+    t1_inflight: usize,
     /// Messages per send call: 1 uses SendMessage, more uses BatchSendMessage (≤16).
     #[arg(long, default_value_t = 1)]
     send_batch: usize,
@@ -220,9 +228,12 @@ enum Target {
 }
 
 /// One client connection of either protocol. Errors are CMQ codes (0: transport failure).
+/// The `*Topic` variants publish to the topic named where the others name a queue.
 enum Conn {
     Grpc(QueueServiceClient<Channel>),
     Http(CmqHttp),
+    GrpcTopic(TopicServiceClient<Channel>),
+    HttpTopic(CmqHttp),
 }
 
 fn grpc_code(s: tonic::Status) -> u32 {
@@ -240,6 +251,34 @@ fn http_code(r: anyhow::Result<CmqReply>) -> Result<CmqReply, u32> {
 impl Conn {
     async fn send(&mut self, queue: &str, bodies: Vec<Vec<u8>>) -> Result<(), u32> {
         match self {
+            Conn::GrpcTopic(c) => {
+                let req = BatchPublishMessageRequest {
+                    topic_name: queue.into(),
+                    msg_body: bodies,
+                    msg_tag: vec![],
+                    routing_key: String::new(),
+                };
+                c.batch_publish_message(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(grpc_code)
+            }
+            Conn::HttpTopic(c) => {
+                let texts: Vec<String> = bodies
+                    .into_iter()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect();
+                let names: Vec<String> =
+                    (1..=texts.len()).map(|i| format!("msgBody.{i}")).collect();
+                let mut params = vec![("topicName", queue), ("Action", "BatchPublishMessage")];
+                params.extend(
+                    names
+                        .iter()
+                        .map(String::as_str)
+                        .zip(texts.iter().map(String::as_str)),
+                );
+                http_code(c.call(&params).await).map(|_| ())
+            }
             Conn::Grpc(c) if bodies.len() == 1 => {
                 let msg_body = bodies.into_iter().next().expect("one body");
                 let req = SendMessageRequest {
@@ -308,6 +347,7 @@ impl Conn {
                         .collect()
                 })
                 .map_err(grpc_code),
+            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => {
                 let (n, wait) = (n.to_string(), wait.to_string());
                 let params = [
@@ -349,6 +389,7 @@ impl Conn {
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
+            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => {
                 let params = [
                     ("Action", "DeleteMessage"),
@@ -373,6 +414,7 @@ impl Conn {
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
+            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => {
                 let params = [
                     ("Action", "CreateQueue"),
@@ -393,6 +435,7 @@ impl Conn {
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
+            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => http_code(
                 c.call(&[("Action", "DeleteQueue"), ("queueName", queue)])
                     .await,
@@ -433,6 +476,162 @@ impl Target {
     }
 }
 
+/// T1's topic: created with one queue subscription per queue.
+async fn create_topic(target: &Target, topic: &str, queues: &[String]) -> anyhow::Result<()> {
+    match target {
+        Target::Grpc { seed } => {
+            let mut c = TopicServiceClient::new(connect(seed).await?);
+            let e = |s: tonic::Status| anyhow::anyhow!("{}", CmqError::from_status(&s));
+            c.create_topic(CreateTopicRequest {
+                topic_name: topic.into(),
+                filter_type: None,
+                max_msg_size: Some(1 << 20),
+            })
+            .await
+            .map_err(e)?;
+            for (i, q) in queues.iter().enumerate() {
+                c.subscribe(SubscribeRequest {
+                    topic_name: topic.into(),
+                    subscription_name: format!("s{i}"),
+                    protocol: "queue".into(),
+                    endpoint: q.clone(),
+                    notify_strategy: None,
+                    notify_content_format: None,
+                    filter_tag: vec![],
+                    binding_key: vec![],
+                })
+                .await
+                .map_err(e)?;
+            }
+        }
+        Target::Http {
+            endpoint,
+            secret_id,
+            secret_key,
+        } => {
+            let mut c = CmqHttp::new(endpoint, secret_id, secret_key)?;
+            let check = |r: anyhow::Result<CmqReply>| match http_code(r) {
+                Ok(_) => Ok(()),
+                Err(code) => Err(anyhow::anyhow!("CMQ error {code}")),
+            };
+            check(
+                c.call(&[
+                    ("Action", "CreateTopic"),
+                    ("topicName", topic),
+                    ("maxMsgSize", "1048576"),
+                ])
+                .await,
+            )?;
+            for (i, q) in queues.iter().enumerate() {
+                let name = format!("s{i}");
+                check(
+                    c.call(&[
+                        ("Action", "Subscribe"),
+                        ("topicName", topic),
+                        ("subscriptionName", &name),
+                        ("protocol", "queue"),
+                        ("endpoint", q),
+                        ("notifyContentFormat", "SIMPLIFIED"),
+                    ])
+                    .await,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn delete_topic(target: &Target, topic: &str, subscriptions: usize) {
+    match target {
+        Target::Grpc { seed } => {
+            let Ok(ch) = connect(seed).await else { return };
+            let mut c = TopicServiceClient::new(ch);
+            for i in 0..subscriptions {
+                let _ = c
+                    .unsubscribe(SubscriptionNameRequest {
+                        topic_name: topic.into(),
+                        subscription_name: format!("s{i}"),
+                    })
+                    .await;
+            }
+            let _ = c
+                .delete_topic(TopicNameRequest {
+                    topic_name: topic.into(),
+                })
+                .await;
+        }
+        Target::Http {
+            endpoint,
+            secret_id,
+            secret_key,
+        } => {
+            let Ok(mut c) = CmqHttp::new(endpoint, secret_id, secret_key) else {
+                return;
+            };
+            for i in 0..subscriptions {
+                let name = format!("s{i}");
+                let _ = c
+                    .call(&[
+                        ("Action", "Unsubscribe"),
+                        ("topicName", topic),
+                        ("subscriptionName", &name),
+                    ])
+                    .await;
+            }
+            let _ = c
+                .call(&[("Action", "DeleteTopic"), ("topicName", topic)])
+                .await;
+        }
+    }
+}
+
+/// `n` publisher connections to `topic`: over gRPC straight to its group's leader.
+async fn topic_publisher_conns(
+    target: &Target,
+    args: &BenchArgs,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(Conn, String)>> {
+    let mut out = Vec::with_capacity(n);
+    match target {
+        Target::Grpc { seed } => {
+            let ch = connect(seed).await?;
+            let group = TopicServiceClient::new(ch.clone())
+                .get_topic_attributes(TopicNameRequest {
+                    topic_name: topic.into(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", CmqError::from_status(&s)))?
+                .into_inner()
+                .group;
+            let url = leader_of_group(ch, seed, group).await?;
+            let mut chs = Vec::new();
+            for _ in 0..args.pub_conns.max(1) {
+                chs.push(connect(&url).await?);
+            }
+            for i in 0..n {
+                out.push((
+                    Conn::GrpcTopic(TopicServiceClient::new(chs[i % chs.len()].clone())),
+                    topic.to_string(),
+                ));
+            }
+        }
+        Target::Http {
+            endpoint,
+            secret_id,
+            secret_key,
+        } => {
+            for _ in 0..n {
+                out.push((
+                    Conn::HttpTopic(CmqHttp::new(endpoint, secret_id, secret_key)?),
+                    topic.to_string(),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The gRPC endpoint of the node leading `queue`'s group.
 async fn leader_endpoint(seed: &str, queue: &str) -> anyhow::Result<String> {
     let ch = connect(seed).await?;
@@ -444,6 +643,11 @@ async fn leader_endpoint(seed: &str, queue: &str) -> anyhow::Result<String> {
         .map_err(|s| anyhow::anyhow!("{}", CmqError::from_status(&s)))?
         .into_inner()
         .group;
+    leader_of_group(ch, seed, group).await
+}
+
+/// The gRPC endpoint of `group`'s leader (the seed when unknown).
+async fn leader_of_group(ch: Channel, seed: &str, group: u32) -> anyhow::Result<String> {
     let status = ClusterServiceClient::new(ch)
         .cluster_status(Empty {})
         .await?
@@ -657,7 +861,10 @@ async fn run_workload(
         "W3" => (0..args.w3_queues)
             .map(|i| format!("bench-w3-{run_id}-{i}"))
             .collect(),
-        other => bail!("unknown workload {other:?} (use W1, W2, W3)"),
+        "T1" => (0..args.t1_subscriptions.max(1))
+            .map(|i| format!("bench-t1-{run_id}-{i}"))
+            .collect(),
+        other => bail!("unknown workload {other:?} (use W1, W2, W3, T1)"),
     };
     let mut admin = target.admin().await?;
     for q in &queues {
@@ -669,9 +876,16 @@ async fn run_workload(
     let n = inflight(match name {
         "W1" => args.w1_inflight,
         "W2" => args.w2_inflight,
+        "T1" => args.t1_inflight,
         _ => args.w3_inflight,
     });
-    let pubs = publisher_conns(target, args, &queues, n).await?;
+    let topic = format!("bench-t1-{run_id}");
+    let pubs = if name == "T1" {
+        create_topic(target, &topic, &queues).await?;
+        topic_publisher_conns(target, args, &topic, n).await?
+    } else {
+        publisher_conns(target, args, &queues, n).await?
+    };
     let mut consumers = Vec::new();
     if name == "W2" {
         for _ in 0..args.w2_consumers {
@@ -720,6 +934,9 @@ async fn run_workload(
         }
     };
     let _ = bar.await;
+    if name == "T1" {
+        delete_topic(target, &topic, queues.len()).await;
+    }
     for q in &queues {
         let _ = admin.delete_queue(q).await;
     }
@@ -735,7 +952,7 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
     let mib = o.bytes as f64 / o.window_s / (1024.0 * 1024.0);
     let errors: u64 = o.errors.values().sum();
     if args.json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "target": "meridian",
             "protocol": format!("{:?}", args.protocol).to_lowercase(),
             "workload": o.workload,
@@ -754,6 +971,10 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
             "disk_fsync_per_s": fsync.0.round(),
             "disk_fsync_p50_ms": fsync.1,
         });
+        if o.workload == "T1" {
+            v["subscriptions"] = args.t1_subscriptions.into();
+            v["deliveries_per_s"] = ((rate * args.t1_subscriptions as f64).round()).into();
+        }
         println!("{v}");
     } else {
         println!(
@@ -772,6 +993,13 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
             println!(
                 "    (W2: {:.1} sends/s; msgs/s and latency are received+deleted, send→delete)",
                 p as f64 / o.window_s
+            );
+        }
+        if o.workload == "T1" {
+            println!(
+                "    (T1: msgs/s are publishes; each reached {} queues: {:.1} deliveries/s)",
+                args.t1_subscriptions,
+                rate * args.t1_subscriptions as f64
             );
         }
     }

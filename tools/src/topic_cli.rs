@@ -190,6 +190,7 @@ fn print_topic(a: &TopicAttributesReply) {
     println!("msgCount             {}", a.msg_count);
     println!("published            {}", a.published);
     println!("subscriptions        {}", a.subscriptions);
+    println!("group                {}", a.group);
     println!("createTime           {}", a.create_time);
     println!("lastModifyTime       {}", a.last_modify_time);
 }

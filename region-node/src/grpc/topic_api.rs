@@ -31,6 +31,7 @@ fn topic_to_pb(v: TopicView) -> TopicAttributesReply {
         filter_type: v.filter_type.as_param(),
         published: v.published,
         subscriptions: v.subscriptions,
+        group: v.group,
     }
 }
 

@@ -18,6 +18,8 @@ pub struct TopicView {
     pub msg_count: u64,
     pub published: u64,
     pub subscriptions: u64,
+    /// The Raft group that owns the topic (set by the node that reads it).
+    pub group: u32,
 }
 
 impl From<&Topic> for TopicView {
@@ -32,6 +34,7 @@ impl From<&Topic> for TopicView {
             msg_count: t.messages.len() as u64,
             published: t.published,
             subscriptions: t.subscriptions.len() as u64,
+            group: 0,
         }
     }
 }
