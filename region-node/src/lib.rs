@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod ops;
 pub mod placement;

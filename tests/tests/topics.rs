@@ -354,6 +354,22 @@ async fn http_push_retries_survive_the_topic_leader_sigkill() {
     assert_eq!(s.delivered, 40);
     assert_eq!(s.dropped, 0);
     assert_eq!(s.routed, 40);
+    // The group leader exports the same figures for Prometheus.
+    let want = "meridian_subscription_delivered_total{tenant=\"0\",topic=\"pushy\",subscription=\"hook\"} 40";
+    let scraped = region
+        .live_ids()
+        .into_iter()
+        .map(|id| {
+            meridian_tests::RawHttp::connect(&region.http_addr(id))
+                .request("GET", "/metrics", b"")
+                .1
+        })
+        .collect::<Vec<_>>();
+    assert!(
+        scraped.iter().any(|m| m.contains(want)),
+        "no node exports {want}:\n{}",
+        scraped.join("\n")
+    );
     // The dead endpoint is still trying, without having held up the other subscription.
     let d = subscription(&region, "dead").await.unwrap();
     assert_eq!(d.delivered, 0);

@@ -58,6 +58,19 @@ impl HttpApi {
 
     /// Handles one request; every outcome is an HTTP 200 JSON reply.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        // CMQ requests always carry a form (Action…); a bare GET /metrics is the scrape.
+        if req.method() == Method::GET
+            && req.uri().path() == "/metrics"
+            && req.uri().query().is_none()
+        {
+            return Response::builder()
+                .status(200)
+                .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                .body(Full::new(Bytes::from(crate::metrics::render(
+                    &self.ops.node,
+                ))))
+                .expect("static response parts are valid");
+        }
         let request_id = self.request_id();
         let (reply, client_request_id) = match self.process(req, &request_id).await {
             Ok(v) => v,
