@@ -301,7 +301,7 @@ mod tests {
     #[test]
     fn limits() {
         assert!(validate_routing_key("").is_err());
-        assert!(validate_routing_key(&"a.".repeat(15).trim_end_matches('.').to_string()).is_ok());
+        assert!(validate_routing_key("a.".repeat(15).trim_end_matches('.')).is_ok());
         let sixteen_dots = "a.".repeat(16) + "a";
         assert_eq!(
             validate_routing_key(&sixteen_dots).unwrap_err().module,
@@ -396,7 +396,7 @@ mod tests {
         #[test]
         fn validation_never_panics(s in ".{0,100}") {
             let _ = validate_routing_key(&s);
-            let _ = validate_binding_keys(&[s.clone()]);
+            let _ = validate_binding_keys(std::slice::from_ref(&s));
             let _ = validate_http_endpoint(&s);
             let _ = binding_matches(&s, &s);
         }
