@@ -38,6 +38,18 @@ pub struct NodeConfig {
     /// Topic publishing and HTTP push delivery.
     #[serde(default)]
     pub topics: TopicsConfig,
+    /// Fault injection, for the fault tests only.
+    #[serde(default)]
+    pub faults: FaultsConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultsConfig {
+    /// Wrap storage, transport and clock in fault injectors and serve the FaultService gRPC
+    /// API that sets partitions, delays, message loss, clock offsets and a full disk. For tests
+    /// only: never enable it in production.
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +243,7 @@ mod tests {
             raft: RaftConfig::default(),
             http: HttpConfig::default(),
             topics: Default::default(),
+            faults: Default::default(),
         }
     }
 

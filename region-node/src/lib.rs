@@ -9,6 +9,7 @@ pub mod clock;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub mod server;
 pub mod storage;
 pub mod topic;
 pub mod topic_ops;
+pub mod transport;
 
 pub use config::NodeConfig;
 pub use error::NodeError;

@@ -24,7 +24,7 @@ fn esc(v: &str) -> String {
 
 pub fn render(node: &RegionNode) -> String {
     let mut out = String::new();
-    let m = &node.engine.metrics;
+    let m = node.engine.metrics();
     let id = node.id;
     for (name, kind, help, v) in [
         (

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_api::limits::QueueAttributes;
-use meridian_api::raftpb::raft_transport_client::RaftTransportClient;
 use meridian_api::raftpb::GroupMessage;
 use meridian_api::{CmqError, CmqResult};
 use openraft::error::RaftError;
@@ -18,14 +17,16 @@ use crate::clock::{Clock, SystemClock};
 use crate::command::{Command, Op, OpResult, QueueKey, TransferItem};
 use crate::config::NodeConfig;
 use crate::error::NodeError;
+use crate::faults::{Faults, FaultyClock, FaultyStorage, FaultyTransport};
 use crate::placement::{group_of, META_GROUP};
-use crate::raft::network::{decode, encode, NetworkFactory, Peers};
+use crate::raft::network::{decode, encode, NetworkFactory};
 use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::{NodeId, Raft};
 use crate::receipt::ReceiptSigner;
-use crate::storage::{Engine, LogStore};
+use crate::storage::{Engine, LogStore, StorageEngine};
 use crate::topic::{SubscriptionView, TopicView};
+use crate::transport::{GrpcTransport, RpcKind, Transport};
 
 /// How often a group leader proposes housekeeping (expiry, dead-lettering by time).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(2);
@@ -169,9 +170,11 @@ enum ForwardError {
 pub struct RegionNode {
     pub id: NodeId,
     pub config: NodeConfig,
-    pub engine: Arc<Engine>,
+    pub engine: Arc<dyn StorageEngine>,
     groups: Vec<Group>,
-    pub peers: Arc<Peers>,
+    pub transport: Arc<dyn Transport>,
+    /// Injected faults; `Some` only when the config enables fault injection (tests).
+    pub faults: Option<Arc<Faults>>,
     pub receipts: ReceiptSigner,
     pub clock: Arc<dyn Clock>,
     /// Nonces of signed HTTP requests, used while this node leads the metadata group.
@@ -185,8 +188,23 @@ impl RegionNode {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             NodeError::Storage(format!("create {}: {e}", config.data_dir.display()))
         })?;
-        let engine = Arc::new(Engine::open(&config.data_dir.join("db"))?);
-        let peers = Arc::new(Peers::default());
+        let mut engine: Arc<dyn StorageEngine> =
+            Arc::new(Engine::open(&config.data_dir.join("db"))?);
+        let mut transport: Arc<dyn Transport> = Arc::new(GrpcTransport::default());
+        let mut clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let faults = config.faults.enabled.then(|| Arc::new(Faults::default()));
+        if let Some(f) = &faults {
+            tracing::warn!("fault injection is enabled: this node is for testing only");
+            engine = FaultyStorage::new(engine, f.clone());
+            transport = Arc::new(FaultyTransport {
+                inner: transport,
+                faults: f.clone(),
+            });
+            clock = Arc::new(FaultyClock {
+                inner: clock,
+                faults: f.clone(),
+            });
+        }
         let r = &config.raft;
         let raft_config = Arc::new(
             openraft::Config {
@@ -210,7 +228,7 @@ impl RegionNode {
             let shared = sm.shared.clone();
             let net = NetworkFactory {
                 group: id,
-                peers: peers.clone(),
+                transport: transport.clone(),
             };
             let raft = Raft::new(config.node_id, raft_config.clone(), net, log, sm)
                 .await
@@ -231,8 +249,9 @@ impl RegionNode {
             config,
             engine,
             groups,
-            peers,
-            clock: Arc::new(SystemClock),
+            transport,
+            clock,
+            faults,
             nonces: Default::default(),
         }))
     }
@@ -342,20 +361,17 @@ impl RegionNode {
         let Some(addr) = self.member_addr(leader) else {
             return Err(ForwardError::NotLeader);
         };
-        let ch = self
-            .peers
-            .channel(leader, addr)
-            .map_err(|e| ForwardError::Cmq(CmqError::internal(e.to_string())))?;
-        let mut client = RaftTransportClient::new(ch)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        let mut request = tonic::Request::new(GroupMessage {
+        let msg = GroupMessage {
             group,
             payload: encode(req),
-        });
-        request.set_timeout(Duration::from_secs(10) + req.max_wait());
-        match client.forward(request).await {
-            Ok(reply) => decode::<Result<GroupReply, ForwardError>>(&reply.into_inner().payload)
+        };
+        let timeout = Duration::from_secs(10) + req.max_wait();
+        match self
+            .transport
+            .call(leader, addr, RpcKind::Forward, msg, timeout)
+            .await
+        {
+            Ok(reply) => decode::<Result<GroupReply, ForwardError>>(&reply)
                 .map_err(|e| ForwardError::Cmq(CmqError::internal(e)))?,
             // A write, a receive or a nonce check may or may not have taken effect: only the
             // client can decide to retry.

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use meridian_api::pb::cluster_service_server::ClusterServiceServer;
+use meridian_api::pb::fault_service_server::FaultServiceServer;
 use meridian_api::pb::queue_service_server::QueueServiceServer;
 use meridian_api::pb::topic_service_server::TopicServiceServer;
 use meridian_api::raftpb::raft_transport_server::RaftTransportServer;
@@ -63,6 +64,11 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(ClusterServiceServer::new(ClusterApi { node: node.clone() }))
+        .add_optional_service(
+            node.faults
+                .is_some()
+                .then(|| FaultServiceServer::new(crate::grpc::FaultApi { node: node.clone() })),
+        )
         .add_service(CredentialServiceServer::new(CredentialApi {
             ops: crate::ops::QueueOps::new(node.clone()),
         }))

@@ -91,6 +91,7 @@ impl Region {
                     ..Default::default()
                 },
                 topics: Default::default(),
+                faults: Default::default(),
             };
             let config_path = node_dir.join("node.toml");
             std::fs::write(&config_path, cfg.to_toml()).unwrap();

@@ -6,7 +6,7 @@ mod queue_api;
 mod raft_service;
 mod topic_api;
 
-pub use cluster_api::ClusterApi;
+pub use cluster_api::{ClusterApi, FaultApi};
 pub use credential_api::CredentialApi;
 pub use queue_api::QueueApi;
 pub use raft_service::RaftTransportService;

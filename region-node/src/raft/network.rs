@@ -1,11 +1,8 @@
-//! Raft transport over gRPC: one lazily connected HTTP/2 channel per peer, shared by every group
-//! (requests carry their group id), with openraft messages encoded as bincode payloads.
+//! openraft's network for one group over the node's [`Transport`] (requests carry their group
+//! id), with openraft messages encoded as bincode payloads.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use meridian_api::raftpb::raft_transport_client::RaftTransportClient;
 use meridian_api::raftpb::GroupMessage;
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
@@ -19,76 +16,36 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
 use super::{NodeId, TypeConfig};
+use crate::transport::{RpcKind, Transport};
 
 /// Largest encoded AppendEntries sent: larger ones are split (openraft resends fewer entries).
 /// openraft 0.9 cancels every AppendEntries after `heartbeat_interval` and resends the same
 /// range, so one message must stay quick to transfer and fsync however big client messages are.
 const MAX_RPC_BYTES: usize = 4 << 20;
 
-/// Channels to the other nodes of the region, by node id.
-#[derive(Default)]
-pub struct Peers {
-    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
-}
-
-impl Peers {
-    /// The channel to `node` at `addr`, created on first use and reused afterwards.
-    pub fn channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut map = self.channels.lock().expect("peers lock");
-        if let Some((a, ch)) = map.get(&node) {
-            if a == addr {
-                return Ok(ch.clone());
-            }
-        }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        map.insert(node, (addr.to_string(), ch.clone()));
-        Ok(ch)
-    }
-}
-
 pub struct NetworkFactory {
     pub group: u32,
-    pub peers: Arc<Peers>,
+    pub transport: Arc<dyn Transport>,
 }
 
 pub struct GroupConnection {
     group: u32,
     target: NodeId,
-    client: Option<RaftTransportClient<Channel>>,
-    connect_error: Option<String>,
+    addr: String,
+    transport: Arc<dyn Transport>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        let (client, connect_error) = match self.peers.channel(target, &node.addr) {
-            Ok(ch) => (
-                Some(
-                    RaftTransportClient::new(ch)
-                        .max_decoding_message_size(64 << 20)
-                        .max_encoding_message_size(64 << 20),
-                ),
-                None,
-            ),
-            Err(e) => (
-                None,
-                Some(format!("bad address {:?} of node {target}: {e}", node.addr)),
-            ),
-        };
         GroupConnection {
             group: self.group,
             target,
-            client,
-            connect_error,
+            addr: node.addr.clone(),
+            transport: self.transport.clone(),
         }
     }
 }
@@ -119,12 +76,6 @@ impl GroupConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let Some(client) = self.client.as_mut() else {
-            let why = self.connect_error.clone().unwrap_or_default();
-            return Err(RPCError::Unreachable(Unreachable::new(&TransportError(
-                why,
-            ))));
-        };
         let payload = encode(req);
         if payload.len() > MAX_RPC_BYTES {
             if let Some(entries) = entries {
@@ -135,16 +86,14 @@ impl GroupConnection {
                 ));
             }
         }
-        let mut request = tonic::Request::new(GroupMessage {
+        let msg = GroupMessage {
             group: self.group,
             payload,
-        });
-        request.set_timeout(option.hard_ttl());
-        let reply = match kind {
-            RpcKind::Append => client.append_entries(request).await,
-            RpcKind::Vote => client.vote(request).await,
-            RpcKind::Snapshot => client.install_snapshot(request).await,
         };
+        let reply = self
+            .transport
+            .call(self.target, &self.addr, kind, msg, option.hard_ttl())
+            .await;
         let reply = reply.map_err(|s| {
             let e = TransportError(format!("{}: {}", s.code(), s.message()));
             if s.code() == tonic::Code::Unavailable {
@@ -153,17 +102,10 @@ impl GroupConnection {
                 RPCError::Network(NetworkError::new(&e))
             }
         })?;
-        let result: Result<Resp, E> = decode(&reply.into_inner().payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
+        let result: Result<Resp, E> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
-}
-
-#[derive(Clone, Copy)]
-enum RpcKind {
-    Append,
-    Vote,
-    Snapshot,
 }
 
 impl RaftNetwork<TypeConfig> for GroupConnection {

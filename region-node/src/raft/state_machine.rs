@@ -13,14 +13,13 @@ use openraft::{
     EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
-use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::{NodeId, TypeConfig};
 use crate::command::{Op, OpResult, QueueKey};
 use crate::queue::GroupState;
-use crate::storage::{group_key, Engine, CF_SNAPSHOT};
+use crate::storage::{group_key, LogOp, StorageEngine, CF_SNAPSHOT};
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
@@ -93,6 +92,17 @@ pub struct SharedState {
     snapshot_store: Mutex<()>,
 }
 
+impl SharedState {
+    /// The applied index and a SHA-256 (hex) of the state at exactly that index.
+    pub fn digest(&self) -> (u64, String) {
+        let state = self.state.read().expect("state lock");
+        let applied = self.applied.read().expect("applied lock");
+        let bytes = bincode::serialize(&*state).expect("state is serialisable");
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+        (applied.0.map_or(0, |l| l.index), hex::encode(d.as_ref()))
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
@@ -109,7 +119,7 @@ struct SnapshotBody {
 #[derive(Clone)]
 pub struct StateMachineStore {
     group: u32,
-    engine: Arc<Engine>,
+    engine: Arc<dyn StorageEngine>,
     pub shared: Arc<SharedState>,
 }
 
@@ -119,10 +129,10 @@ fn sm_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
 
 impl StateMachineStore {
     /// Opens the group's state machine, restoring the stored snapshot if there is one.
-    pub fn open(group: u32, data_groups: u32, engine: Arc<Engine>) -> StResult<Self> {
+    pub fn open(group: u32, data_groups: u32, engine: Arc<dyn StorageEngine>) -> StResult<Self> {
         let mut state = GroupState::new(group, data_groups);
         let mut applied = (None, Membership::default());
-        if let Some(stored) = Self::load_snapshot(group, &engine)? {
+        if let Some(stored) = Self::load_snapshot(group, engine.as_ref())? {
             let body: SnapshotBody = bincode::deserialize(&stored.data).map_err(|e| sm_err(&e))?;
             state = body.state;
             applied = (body.last_applied, body.membership);
@@ -140,10 +150,9 @@ impl StateMachineStore {
         })
     }
 
-    fn load_snapshot(group: u32, engine: &Engine) -> StResult<Option<StoredSnapshot>> {
+    fn load_snapshot(group: u32, engine: &dyn StorageEngine) -> StResult<Option<StoredSnapshot>> {
         let raw = engine
-            .db()
-            .get_cf(engine.cf(CF_SNAPSHOT), group_key(group, KEY_SNAPSHOT))
+            .get(CF_SNAPSHOT, &group_key(group, KEY_SNAPSHOT))
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
         raw.map(|v| bincode::deserialize(&v).map_err(|e| sm_err(&e)))
             .transpose()
@@ -157,20 +166,19 @@ impl StateMachineStore {
             .snapshot_store
             .lock()
             .expect("snapshot store lock");
-        if let Some(current) = Self::load_snapshot(self.group, &self.engine)? {
+        if let Some(current) = Self::load_snapshot(self.group, self.engine.as_ref())? {
             if current.meta.last_log_id > stored.meta.last_log_id {
                 return Ok(());
             }
         }
-        let mut b = WriteBatch::default();
-        let bytes = bincode::serialize(stored).map_err(|e| sm_err(&e))?;
-        b.put_cf(
-            self.engine.cf(CF_SNAPSHOT),
-            group_key(self.group, KEY_SNAPSHOT),
-            bytes,
-        );
+        let value = bincode::serialize(stored).map_err(|e| sm_err(&e))?;
+        let op = LogOp::Put {
+            cf: CF_SNAPSHOT,
+            key: group_key(self.group, KEY_SNAPSHOT),
+            value,
+        };
         // Synced: logs up to this snapshot may be purged right after.
-        self.engine.write(b, true).map_err(|e| sm_err(&e))
+        self.engine.write(vec![op], true).map_err(|e| sm_err(&e))
     }
 }
 
@@ -291,7 +299,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
         Ok(
-            Self::load_snapshot(self.group, &self.engine)?.map(|s| Snapshot {
+            Self::load_snapshot(self.group, self.engine.as_ref())?.map(|s| Snapshot {
                 meta: s.meta,
                 snapshot: Box::new(Cursor::new(s.data)),
             }),

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 use crate::error::NodeError;
 
@@ -53,6 +55,32 @@ pub struct StorageMetrics {
     /// Total time spent inside fsync, microseconds.
     pub sync_micros: AtomicU64,
     pub sync_errors: AtomicU64,
+}
+
+/// The storage seam (TiKV style): what the Raft log store and the state machine store need from
+/// the node's key-value engine. [`Engine`] (RocksDB) is the product; fault tests wrap it (see
+/// `storage::faults`) to fail or stall writes without patching the code paths above.
+pub trait StorageEngine: Send + Sync + 'static {
+    fn get(&self, cf: &'static str, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
+    /// Entries with keys in `[from, to)`, ascending.
+    fn scan(&self, cf: &'static str, from: &[u8], to: &[u8])
+        -> io::Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// The entry with the greatest key in `[from, to)`.
+    fn last_in(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
+    /// Writes `ops` atomically; with `sync`, durable (WAL fsynced) on return.
+    fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()>;
+    /// Queues a job for the group-commit writer; `done` runs after its batch is written.
+    fn submit(&self, job: LogJob);
+    fn metrics(&self) -> &StorageMetrics;
+}
+
+fn io_err(e: rocksdb::Error) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 pub struct Engine {
@@ -96,21 +124,69 @@ impl Engine {
         &self.db
     }
 
-    pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
             .expect("column families are created at open")
     }
+}
 
-    /// Writes a batch; `sync` makes this one write durable before returning.
-    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), rocksdb::Error> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        self.db.write_opt(batch, &wo)
+impl StorageEngine for Engine {
+    fn get(&self, cf: &'static str, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(cf), key).map_err(io_err)
     }
 
-    /// Queues a job for the log writer.
-    pub fn submit(&self, job: LogJob) {
+    fn scan(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(from, Direction::Forward))
+        {
+            let (k, v) = item.map_err(io_err)?;
+            if &*k >= to {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last_in(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let mut it = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(to, Direction::Reverse));
+        for item in it.by_ref() {
+            let (k, v) = item.map_err(io_err)?;
+            if &*k >= to {
+                continue;
+            }
+            if &*k < from {
+                return Ok(None);
+            }
+            return Ok(Some((k.into_vec(), v.into_vec())));
+        }
+        Ok(None)
+    }
+
+    fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db
+            .write_opt(batch_of(&self.db, ops), &wo)
+            .map_err(io_err)
+    }
+
+    fn submit(&self, job: LogJob) {
         let sent = match &self.writer {
             Some(w) => w.send(job).map_err(|mpsc::SendError(job)| job),
             None => Err(job),
@@ -119,6 +195,25 @@ impl Engine {
             (job.done)(Err(io::Error::other("log writer stopped")));
         }
     }
+
+    fn metrics(&self) -> &StorageMetrics {
+        &self.metrics
+    }
+}
+
+fn batch_of(db: &DB, ops: Vec<LogOp>) -> WriteBatch {
+    let mut batch = WriteBatch::default();
+    for op in ops {
+        match op {
+            LogOp::Put { cf, key, value } => {
+                batch.put_cf(db.cf_handle(cf).expect("known column family"), key, value)
+            }
+            LogOp::DeleteRange { cf, from, to } => {
+                batch.delete_range_cf(db.cf_handle(cf).expect("known column family"), from, to)
+            }
+        }
+    }
+    batch
 }
 
 impl Drop for Engine {
@@ -136,25 +231,15 @@ fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
-        let mut batch = WriteBatch::default();
+        let mut ops = Vec::new();
         let mut sync = false;
         let mut dones = Vec::with_capacity(jobs.len());
         for job in jobs {
             sync |= job.sync;
-            for op in job.ops {
-                match op {
-                    LogOp::Put { cf, key, value } => {
-                        batch.put_cf(db.cf_handle(cf).expect("known column family"), key, value)
-                    }
-                    LogOp::DeleteRange { cf, from, to } => batch.delete_range_cf(
-                        db.cf_handle(cf).expect("known column family"),
-                        from,
-                        to,
-                    ),
-                }
-            }
+            ops.extend(job.ops);
             dones.push(job.done);
         }
+        let batch = batch_of(&db, ops);
         let started = Instant::now();
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);

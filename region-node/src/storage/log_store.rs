@@ -1,4 +1,4 @@
-//! openraft's log storage for one group, on the node's shared [`Engine`].
+//! openraft's log storage for one group, on the node's shared [`StorageEngine`].
 //!
 //! Appends, truncations and purges are queued to the engine's log writer (group commit) and
 //! return at once. Until the writer has applied them, `pending` serves appended entries and
@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
-use rocksdb::{Direction, IteratorMode, WriteBatch};
 
-use super::engine::{Engine, LogJob, LogOp, CF_LOG, CF_META};
+use super::engine::{LogJob, LogOp, StorageEngine, CF_LOG, CF_META};
 use super::group_key;
 use crate::raft::{NodeId, TypeConfig};
 
@@ -39,14 +38,14 @@ impl Pending {
 #[derive(Clone)]
 pub struct LogStore {
     group: u32,
-    engine: Arc<Engine>,
+    engine: Arc<dyn StorageEngine>,
     pending: Arc<Mutex<Pending>>,
 }
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
 
 impl LogStore {
-    pub fn new(group: u32, engine: Arc<Engine>) -> Self {
+    pub fn new(group: u32, engine: Arc<dyn StorageEngine>) -> Self {
         Self {
             group,
             engine,
@@ -59,8 +58,7 @@ impl LogStore {
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StResult<Option<T>> {
-        let cf = self.engine.cf(CF_META);
-        match self.engine.db().get_cf(cf, group_key(self.group, key)) {
+        match self.engine.get(CF_META, &group_key(self.group, key)) {
             Ok(Some(v)) => bincode::deserialize(&v).map(Some).map_err(|e| read_err(&e)),
             Ok(None) => Ok(None),
             Err(e) => Err(read_err(&e)),
@@ -68,53 +66,45 @@ impl LogStore {
     }
 
     fn put_meta<T: serde::Serialize>(&self, key: &[u8], v: &T, sync: bool) -> StResult<()> {
-        let mut b = WriteBatch::default();
-        let bytes = bincode::serialize(v).map_err(|e| write_err(&e))?;
-        b.put_cf(self.engine.cf(CF_META), group_key(self.group, key), bytes);
-        self.engine.write(b, sync).map_err(|e| write_err(&e))
+        let value = bincode::serialize(v).map_err(|e| write_err(&e))?;
+        let op = LogOp::Put {
+            cf: CF_META,
+            key: group_key(self.group, key),
+            value,
+        };
+        self.engine.write(vec![op], sync).map_err(|e| write_err(&e))
     }
 
     /// Stored entries in `[start, end)` (end exclusive, `None` unbounded), in order.
     fn stored(&self, start: u64, end: Option<u64>) -> StResult<Vec<Entry<TypeConfig>>> {
-        let cf = self.engine.cf(CF_LOG);
-        let from = self.log_key(start);
-        let mut out = Vec::new();
-        for item in self
-            .engine
-            .db()
-            .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
-        {
-            let (k, v) = item.map_err(|e| read_err(&e))?;
-            if !k.starts_with(&self.group.to_be_bytes()) {
-                break;
-            }
-            let index = u64::from_be_bytes(k[4..12].try_into().expect("log keys are 12 bytes"));
-            if end.is_some_and(|e| index >= e) {
-                break;
-            }
-            out.push(bincode::deserialize(&v).map_err(|e| read_err(&e))?);
-        }
-        Ok(out)
+        let to = match end {
+            Some(e) => self.log_key(e),
+            None => group_key(self.group + 1, &[]),
+        };
+        self.engine
+            .scan(CF_LOG, &self.log_key(start), &to)
+            .map_err(|e| read_err(&e))?
+            .into_iter()
+            .map(|(_, v)| bincode::deserialize(&v).map_err(|e| read_err(&e)))
+            .collect()
     }
 
     fn last_stored_below(&self, limit: Option<u64>) -> StResult<Option<LogId<NodeId>>> {
-        let cf = self.engine.cf(CF_LOG);
-        let upper = match limit {
+        let to = match limit {
             Some(0) => return Ok(None),
-            Some(l) => self.log_key(l - 1),
-            None => self.log_key(u64::MAX),
+            Some(l) => self.log_key(l),
+            None => group_key(self.group + 1, &[]),
         };
-        let mut it = self
+        match self
             .engine
-            .db()
-            .iterator_cf(cf, IteratorMode::From(&upper, Direction::Reverse));
-        match it.next() {
-            Some(Ok((k, v))) if k.starts_with(&self.group.to_be_bytes()) => {
+            .last_in(CF_LOG, &self.log_key(0), &to)
+            .map_err(|e| read_err(&e))?
+        {
+            Some((_, v)) => {
                 let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(|e| read_err(&e))?;
                 Ok(Some(e.log_id))
             }
-            Some(Err(e)) => Err(read_err(&e)),
-            _ => Ok(None),
+            None => Ok(None),
         }
     }
 }
@@ -307,6 +297,7 @@ mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
 
     use super::*;
+    use crate::storage::Engine;
 
     fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
         Entry {

@@ -4,7 +4,9 @@
 mod engine;
 mod log_store;
 
-pub use engine::{Engine, LogJob, LogOp, StorageMetrics, CF_LOG, CF_META, CF_SNAPSHOT};
+pub use engine::{
+    Engine, LogJob, LogOp, StorageEngine, StorageMetrics, CF_LOG, CF_META, CF_SNAPSHOT,
+};
 pub use log_store::LogStore;
 
 /// Key of a per-group record: the group id big-endian, then the suffix.

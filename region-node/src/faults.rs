@@ -1,0 +1,197 @@
+//! Fault injection through the node's seams (storage, transport, clock), for the fault tests.
+//!
+//! Active only when the node's config sets `[faults] enabled = true`: then the seams are wrapped
+//! and the `FaultService` gRPC API sets the faults at run time. Never enable it in production.
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use meridian_api::raftpb::GroupMessage;
+use rand::Rng;
+
+use crate::clock::Clock;
+use crate::raft::NodeId;
+use crate::storage::{LogJob, LogOp, StorageEngine, StorageMetrics};
+use crate::transport::{RpcKind, Transport};
+
+/// The faults in force on this node.
+#[derive(Default)]
+pub struct Faults {
+    /// Nodes this node cannot reach (set on both sides for a symmetric partition).
+    pub blocked: Mutex<HashSet<NodeId>>,
+    /// Added to every message to another node, milliseconds.
+    pub delay_ms: AtomicU64,
+    /// Messages lost, per thousand (the request or its reply, at random).
+    pub drop_per_mille: AtomicU32,
+    /// Added to this node's wall clock, milliseconds.
+    pub clock_offset_ms: AtomicI64,
+    /// Disk full: writes wait, unacknowledged, until it is cleared.
+    pub disk_full: AtomicBool,
+    disk_freed: Condvar,
+    disk_lock: Mutex<()>,
+}
+
+impl Faults {
+    pub fn set_disk_full(&self, full: bool) {
+        let _g = self.disk_lock.lock().expect("disk lock");
+        self.disk_full.store(full, Ordering::SeqCst);
+        if !full {
+            self.disk_freed.notify_all();
+        }
+    }
+
+    /// Blocks while the disk is "full".
+    fn wait_for_space(&self) {
+        let mut g = self.disk_lock.lock().expect("disk lock");
+        let mut warned = false;
+        while self.disk_full.load(Ordering::SeqCst) {
+            if !warned {
+                tracing::error!("disk full (injected): writes wait; nothing is acknowledged");
+                warned = true;
+            }
+            g = self.disk_freed.wait(g).expect("disk lock");
+        }
+    }
+}
+
+pub struct FaultyClock {
+    pub inner: Arc<dyn Clock>,
+    pub faults: Arc<Faults>,
+}
+
+impl Clock for FaultyClock {
+    fn now_ms(&self) -> i64 {
+        self.inner.now_ms() + self.faults.clock_offset_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Storage whose writes stall while the disk is "full": like a real full disk under a writer
+/// that retries, appends are never reported durable (so never acknowledged) until space
+/// returns, and then complete in order.
+pub struct FaultyStorage {
+    inner: Arc<dyn StorageEngine>,
+    faults: Arc<Faults>,
+    parked: Arc<Mutex<VecDeque<LogJob>>>,
+}
+
+impl FaultyStorage {
+    pub fn new(inner: Arc<dyn StorageEngine>, faults: Arc<Faults>) -> Arc<Self> {
+        let s = Arc::new(Self {
+            inner,
+            faults,
+            parked: Arc::default(),
+        });
+        let (inner, faults, parked) = (s.inner.clone(), s.faults.clone(), s.parked.clone());
+        std::thread::Builder::new()
+            .name("disk-full-release".into())
+            .spawn(move || loop {
+                faults.wait_for_space();
+                let jobs: Vec<LogJob> = parked.lock().expect("parked lock").drain(..).collect();
+                for j in jobs {
+                    inner.submit(j);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            })
+            .expect("spawn the disk-full release thread");
+        s
+    }
+}
+
+impl StorageEngine for FaultyStorage {
+    fn get(&self, cf: &'static str, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        self.inner.get(cf, key)
+    }
+
+    fn scan(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan(cf, from, to)
+    }
+
+    fn last_in(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.inner.last_in(cf, from, to)
+    }
+
+    fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
+        self.faults.wait_for_space();
+        self.inner.write(ops, sync)
+    }
+
+    fn submit(&self, job: LogJob) {
+        let mut parked = self.parked.lock().expect("parked lock");
+        // Behind parked jobs too, so the log keeps its order.
+        if self.faults.disk_full.load(Ordering::SeqCst) || !parked.is_empty() {
+            parked.push_back(job);
+        } else {
+            drop(parked);
+            self.inner.submit(job);
+        }
+    }
+
+    fn metrics(&self) -> &StorageMetrics {
+        self.inner.metrics()
+    }
+}
+
+pub struct FaultyTransport {
+    pub inner: Arc<dyn Transport>,
+    pub faults: Arc<Faults>,
+}
+
+fn lost(why: &str) -> tonic::Status {
+    tonic::Status::unavailable(format!("{why} (injected fault)"))
+}
+
+#[tonic::async_trait]
+impl Transport for FaultyTransport {
+    async fn call(
+        &self,
+        target: NodeId,
+        addr: &str,
+        kind: RpcKind,
+        msg: GroupMessage,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let delay = self.faults.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        // A partitioned or lost request looks like silence: the caller waits, then gives up.
+        let silence = timeout.min(Duration::from_millis(500));
+        if self
+            .faults
+            .blocked
+            .lock()
+            .expect("blocked lock")
+            .contains(&target)
+        {
+            tokio::time::sleep(silence).await;
+            return Err(lost("partitioned: no answer"));
+        }
+        let drop = self.faults.drop_per_mille.load(Ordering::Relaxed);
+        let (lose_request, lose_reply) = {
+            let mut rng = rand::thread_rng();
+            (rng.gen_range(0..1000) < drop, rng.gen_range(0..1000) < drop)
+        };
+        if lose_request {
+            tokio::time::sleep(silence).await;
+            return Err(lost("request lost"));
+        }
+        let reply = self.inner.call(target, addr, kind, msg, timeout).await;
+        if lose_reply {
+            return Err(lost("reply lost"));
+        }
+        reply
+    }
+}
