@@ -124,7 +124,17 @@ impl StorageEngine for FaultyStorage {
     }
 
     fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
-        self.faults.wait_for_space();
+        if self.faults.disk_full.load(Ordering::SeqCst) {
+            // Synchronous writes (votes, snapshots) are called from async tasks: let the runtime
+            // move its other work (the FaultService that frees the disk, among others) away
+            // from this thread while it waits.
+            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(|| self.faults.wait_for_space())
+                }
+                _ => self.faults.wait_for_space(),
+            }
+        }
         self.inner.write(ops, sync)
     }
 

@@ -1,5 +1,8 @@
 //! Harness for end-to-end tests: a real region of `meridian node` processes on loopback, each
-//! with a generated config in a temp dir, that tests can SIGKILL, SIGSTOP and restart.
+//! with a generated config in a temp dir, that tests can SIGKILL, SIGSTOP and restart; and the
+//! Jepsen-style queue checker with its nemeses ([`chaos`]).
+
+pub mod chaos;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,7 +11,9 @@ use std::time::Duration;
 use meridian_api::pb::cluster_service_client::ClusterServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::{ClusterStatusReply, Empty, ListQueueRequest};
-use meridian_region_node::config::{HttpConfig, MemberConfig, NodeConfig, RaftConfig};
+use meridian_region_node::config::{
+    FaultsConfig, HttpConfig, MemberConfig, NodeConfig, RaftConfig,
+};
 use tonic::transport::Channel;
 
 /// The `meridian` binary built alongside the tests (target/<profile>/meridian).
@@ -61,6 +66,11 @@ impl Region {
 
     /// Like [`Region::start`], with explicit Raft settings (e.g. frequent snapshots).
     pub async fn start_with(n: u64, data_groups: u32, raft: RaftConfig) -> Region {
+        Self::start_full(n, data_groups, raft, false).await
+    }
+
+    /// Like [`Region::start_with`]; `faults` enables the nodes' fault injection (FaultService).
+    pub async fn start_full(n: u64, data_groups: u32, raft: RaftConfig, faults: bool) -> Region {
         let dir = tempfile::Builder::new()
             .prefix("meridian-e2e-")
             .tempdir()
@@ -91,7 +101,7 @@ impl Region {
                     ..Default::default()
                 },
                 topics: Default::default(),
-                faults: Default::default(),
+                faults: FaultsConfig { enabled: faults },
             };
             let config_path = node_dir.join("node.toml");
             std::fs::write(&config_path, cfg.to_toml()).unwrap();
