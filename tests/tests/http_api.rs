@@ -52,9 +52,13 @@ async fn malformed_requests_get_cmq_errors_on_a_live_connection() {
             4000,
         ),
         (
-            "topic action (not yet)",
+            "topic with an undefined filterType",
             form(
-                &[("Action", "CreateTopic"), ("topicName", "t")],
+                &[
+                    ("Action", "CreateTopic"),
+                    ("topicName", "t"),
+                    ("filterType", "3"),
+                ],
                 "POST",
                 "/",
             )
