@@ -40,9 +40,22 @@ fn queue_names(groups: u32) -> Vec<String> {
 async fn drain(region: &Region, queue: &str) -> Vec<String> {
     let mut bodies = Vec::new();
     let mut empty_polls = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while empty_polls < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "draining {queue} did not finish"
+        );
         let live = region.live_ids();
-        let mut c = region.client(live[bodies.len() % live.len()]).await;
+        // A just-restarted node may not be listening yet: try another.
+        let Some(ch) = region
+            .channel(live[(bodies.len() + empty_polls) % live.len()])
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut c = meridian_api::pb::queue_service_client::QueueServiceClient::new(ch);
         match c
             .batch_receive_message(BatchReceiveMessageRequest {
                 queue_name: queue.into(),
