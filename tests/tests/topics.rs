@@ -388,3 +388,92 @@ async fn http_push_retries_survive_the_topic_leader_sigkill() {
     assert_eq!(d.delivered, 0);
     assert!(d.msg_count > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_topics_and_subscriptions_with_cmq_codes() {
+    use std::process::Command;
+    let region = Region::start(3, 2).await;
+    let ep = region.endpoint(3);
+    let run = |args: &[&str]| {
+        let out = Command::new(meridian_tests::meridian_bin())
+            .args(args)
+            .env("MERIDIAN_ENDPOINT", &ep)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert!(run(&["queue", "create", "inbox"]).0);
+    let (ok, id, _) = run(&["topic", "create", "news", "--filter", "routing-keys"]);
+    assert!(ok && id.starts_with("topic-"), "{id}");
+    let (ok, _, err) = run(&["topic", "create", "9bad"]);
+    assert!(!ok && err.contains("(4000)"), "{err}");
+    let (ok, _, err) = run(&[
+        "subscription",
+        "create",
+        "news",
+        "s1",
+        "inbox",
+        "--protocol",
+        "queue",
+    ]);
+    assert!(
+        !ok && err.contains("(4000)") && err.contains("bindingKey"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&[
+        "subscription",
+        "create",
+        "news",
+        "s1",
+        "inbox",
+        "--protocol",
+        "queue",
+        "--binding-key",
+        "sport.#",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&[
+        "subscription",
+        "create",
+        "news",
+        "s2",
+        "http://a b",
+        "--protocol",
+        "http",
+        "--binding-key",
+        "#",
+    ]);
+    assert!(!ok && err.contains("(4510)"), "{err}");
+    let (ok, _, _) = run(&[
+        "publish",
+        "news",
+        "goal!",
+        "--routing-key",
+        "sport.football",
+    ]);
+    assert!(ok);
+    let (ok, _, _) = run(&["publish", "news", "rain", "--routing-key", "weather.today"]);
+    assert!(ok);
+    let (ok, out, err) = run(&[
+        "receive", "inbox", "--wait", "3", "--count", "16", "--delete",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.ends_with(" goal!") && out.lines().count() == 1, "{out}");
+    let (ok, out, _) = run(&["subscription", "get", "news", "s1"]);
+    assert!(
+        ok && out.contains("sport.#") && out.contains("routed               1"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["subscription", "list", "news"]);
+    assert!(ok && out.contains("s1 queue inbox"), "{out}");
+    let (ok, _, err) = run(&["topic", "delete", "news"]);
+    assert!(!ok && err.contains("(4000)"), "{err}");
+    assert!(run(&["subscription", "delete", "news", "s1"]).0);
+    assert!(run(&["topic", "delete", "news"]).0);
+    let (ok, _, err) = run(&["topic", "get", "news"]);
+    assert!(!ok && err.contains("(4440)"), "{err}");
+}
