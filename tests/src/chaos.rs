@@ -489,7 +489,7 @@ async fn drain(region: &Region, queues: &[String], history: &Arc<Mutex<History>>
 
 /// Compares state digests of replicas at the same applied index, per group (bounded wait for
 /// the replicas to line up).
-async fn divergence(region: &Region) -> Vec<String> {
+pub async fn divergence(region: &Region) -> Vec<String> {
     let mut last = String::new();
     for _ in 0..100 {
         let mut by_group: BTreeMap<u32, Vec<(u64, u64, String)>> = BTreeMap::new();

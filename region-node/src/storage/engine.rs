@@ -98,6 +98,12 @@ impl Engine {
         opts.create_missing_column_families(true);
         // Checksums on every block read catch on-disk corruption instead of serving it.
         opts.set_paranoid_checks(true);
+        // A damaged WAL record must stop the node, not be skipped: RocksDB's default recovery
+        // silently drops everything after it, which would make this node forget fsynced (and
+        // acknowledged) log entries and its vote, and so let it vote twice in a term or count
+        // toward a majority for entries it no longer has. An operator then wipes the node's
+        // data and it resyncs from its peers.
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
         let cfs = [CF_LOG, CF_META, CF_SNAPSHOT]
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
