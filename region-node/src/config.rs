@@ -71,6 +71,9 @@ pub struct TopicsConfig {
     pub push_timeout_seconds: u64,
     /// Most deliveries in flight to one subscription at once.
     pub push_max_in_flight_per_subscription: usize,
+    /// PEM file of CA certificates trusted for `https://` push endpoints, in addition to the
+    /// public web PKI roots (for endpoints behind a private CA).
+    pub push_ca_file: Option<PathBuf>,
 }
 
 impl Default for TopicsConfig {
@@ -83,6 +86,7 @@ impl Default for TopicsConfig {
             exponential_retry_cap_seconds: 512,
             push_timeout_seconds: 15,
             push_max_in_flight_per_subscription: 16,
+            push_ca_file: None,
         }
     }
 }
@@ -186,6 +190,10 @@ impl NodeConfig {
         }
         if ids.contains(&0) {
             return bad("member id 0 is reserved".into());
+        }
+        if self.topics.push_ca_file.is_some() {
+            crate::push::tls_connector(&self.topics)
+                .map_err(|e| NodeError::Config(format!("[topics] push_ca_file: {e}")))?;
         }
         let t = &self.topics;
         if t.backoff_retry_min_seconds > t.backoff_retry_max_seconds

@@ -50,6 +50,14 @@ type InFlight = Arc<Mutex<HashSet<(QueueKey, String, u64)>>>;
 
 /// Runs forever; does work only while this node leads `group`.
 pub async fn run(node: Arc<RegionNode>, group: u32) {
+    let tls = match tls_connector(&node.config.topics) {
+        Ok(t) => t,
+        Err(e) => {
+            // Validated at start (see `NodeConfig::validate`), so only a file changed since.
+            tracing::error!("push TLS setup: {e}; https:// endpoints will fail");
+            tls_connector(&TopicsConfig::default()).expect("default TLS setup")
+        }
+    };
     let in_flight: InFlight = Arc::default();
     let (tx, mut rx) = mpsc::unbounded_channel::<(PushJob, bool)>();
     let mut tick = tokio::time::interval(SCAN_INTERVAL);
@@ -74,8 +82,10 @@ pub async fn run(node: Arc<RegionNode>, group: u32) {
             let tx = tx.clone();
             let timeout = Duration::from_secs(node.config.topics.push_timeout_seconds);
             let tenant_owner = job.topic.tenant.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let ok = match tokio::time::timeout(timeout, post(&job, &tenant_owner)).await {
+                let ok = match tokio::time::timeout(timeout, post(&job, &tenant_owner, &tls)).await
+                {
                     Ok(Ok(status)) => (200..300).contains(&status),
                     Ok(Err(e)) => {
                         tracing::debug!(endpoint = %job.endpoint, "push failed: {e}");
@@ -241,7 +251,7 @@ fn json_body(job: &PushJob, owner: &str) -> Vec<u8> {
 }
 
 /// POSTs one message; the HTTP status, or why there is none.
-async fn post(job: &PushJob, owner: &str) -> Result<u16, String> {
+async fn post(job: &PushJob, owner: &str, tls: &tokio_rustls::TlsConnector) -> Result<u16, String> {
     let uri: Uri = job.endpoint.parse().map_err(|e| format!("bad URL: {e}"))?;
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().ok_or("URL has no host")?.to_string();
@@ -274,7 +284,7 @@ async fn post(job: &PushJob, owner: &str) -> Result<u16, String> {
     if https {
         let name = rustls::pki_types::ServerName::try_from(host.clone())
             .map_err(|e| format!("server name: {e}"))?;
-        let tls = tls_connector()
+        let tls = tls
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
@@ -301,21 +311,26 @@ where
     Ok(resp.status().as_u16())
 }
 
-fn tls_connector() -> tokio_rustls::TlsConnector {
-    static CONNECTOR: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
-    CONNECTOR
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("aws-lc-rs supports the default TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            tokio_rustls::TlsConnector::from(Arc::new(config))
-        })
-        .clone()
+/// The TLS client for https:// endpoints: the web PKI roots plus `[topics] push_ca_file`.
+pub fn tls_connector(cfg: &TopicsConfig) -> Result<tokio_rustls::TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &cfg.push_ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 fn request_id() -> String {

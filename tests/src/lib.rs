@@ -71,6 +71,19 @@ impl Region {
 
     /// Like [`Region::start_with`]; `faults` enables the nodes' fault injection (FaultService).
     pub async fn start_full(n: u64, data_groups: u32, raft: RaftConfig, faults: bool) -> Region {
+        Self::start_configured(n, data_groups, move |c| {
+            c.raft = raft.clone();
+            c.faults = FaultsConfig { enabled: faults };
+        })
+        .await
+    }
+
+    /// Starts `n` nodes whose generated configs `adjust` may change first.
+    pub async fn start_configured(
+        n: u64,
+        data_groups: u32,
+        adjust: impl Fn(&mut NodeConfig),
+    ) -> Region {
         let dir = tempfile::Builder::new()
             .prefix("meridian-e2e-")
             .tempdir()
@@ -87,7 +100,7 @@ impl Region {
             let http_addr = format!("127.0.0.1:{}", free_port());
             let node_dir = dir.path().join(format!("node{}", m.id));
             std::fs::create_dir_all(&node_dir).unwrap();
-            let cfg = NodeConfig {
+            let mut cfg = NodeConfig {
                 node_id: m.id,
                 data_dir: node_dir.join("data"),
                 grpc_listen: m.addr.parse().unwrap(),
@@ -95,14 +108,15 @@ impl Region {
                 cluster_secret: hex::encode(secret),
                 bootstrap: m.id == 1,
                 members: members.clone(),
-                raft: raft.clone(),
+                raft: RaftConfig::default(),
                 http: HttpConfig {
                     listen: Some(http_addr.parse().unwrap()),
                     ..Default::default()
                 },
                 topics: Default::default(),
-                faults: FaultsConfig { enabled: faults },
+                faults: FaultsConfig::default(),
             };
+            adjust(&mut cfg);
             let config_path = node_dir.join("node.toml");
             std::fs::write(&config_path, cfg.to_toml()).unwrap();
             nodes.push(NodeProc {

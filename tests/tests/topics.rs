@@ -477,3 +477,169 @@ async fn cli_manages_topics_and_subscriptions_with_cmq_codes() {
     let (ok, _, err) = run(&["topic", "get", "news"]);
     assert!(!ok && err.contains("(4440)"), "{err}");
 }
+
+/// An HTTPS endpoint under a private CA (`[topics] push_ca_file`) receives its pushes; one
+/// whose certificate the node does not trust receives nothing and keeps being retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_push_trusts_the_configured_ca_only() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .unwrap();
+    // Not under the configured CA: self-signed.
+    let rogue_key = KeyPair::generate().unwrap();
+    let rogue = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&rogue_key)
+        .unwrap();
+
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut ports = Vec::new();
+    for (cert, key) in [
+        (leaf.pem(), leaf_key.serialize_pem()),
+        (rogue.pem(), rogue_key.serialize_pem()),
+    ] {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut cert.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        let key = rustls_pemfile::private_key(&mut key.as_bytes())
+            .unwrap()
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ports.push(listener.local_addr().unwrap().port());
+        let received = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Headers, then the Content-Length body.
+                    loop {
+                        let n = tls.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len: usize = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse().unwrap())
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]);
+                                received.lock().unwrap().push(body.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    let _ = tls
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+    }
+
+    let region = Region::start_configured(3, 2, |c| {
+        c.topics.push_ca_file = Some(ca_path.clone());
+    })
+    .await;
+    let mut tc = topics(&region, 1).await;
+    tc.create_topic(CreateTopicRequest {
+        topic_name: "secure".into(),
+        filter_type: None,
+        max_msg_size: None,
+    })
+    .await
+    .unwrap();
+    for (name, port) in [("trusted", ports[0]), ("rogue", ports[1])] {
+        tc.subscribe(SubscribeRequest {
+            topic_name: "secure".into(),
+            subscription_name: name.into(),
+            protocol: "http".into(),
+            endpoint: format!("https://localhost:{port}/hook"),
+            notify_strategy: None,
+            notify_content_format: Some("SIMPLIFIED".into()),
+            filter_tag: vec![],
+            binding_key: vec![],
+        })
+        .await
+        .unwrap();
+    }
+    tc.publish_message(PublishMessageRequest {
+        topic_name: "secure".into(),
+        msg_body: b"over tls".to_vec(),
+        msg_tag: vec![],
+        routing_key: String::new(),
+    })
+    .await
+    .unwrap();
+    let mut delivered = None;
+    for _ in 0..300 {
+        if let Some(s) = subscription_of(&region, "secure", "trusted").await {
+            if s.delivered == 1 {
+                delivered = Some(s);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        delivered.is_some(),
+        "the trusted HTTPS endpoint got nothing"
+    );
+    assert_eq!(*received.lock().unwrap(), vec!["over tls".to_string()]);
+    let rogue = subscription_of(&region, "secure", "rogue").await.unwrap();
+    assert_eq!((rogue.delivered, rogue.msg_count), (0, 1));
+    assert!(rogue.retried >= 1, "{rogue:?}");
+}
+
+async fn subscription_of(
+    region: &Region,
+    topic: &str,
+    name: &str,
+) -> Option<SubscriptionAttributesReply> {
+    let mut c = topics(region, 2).await;
+    c.get_subscription_attributes(SubscriptionNameRequest {
+        topic_name: topic.into(),
+        subscription_name: name.into(),
+    })
+    .await
+    .ok()
+    .map(|r| r.into_inner())
+}
