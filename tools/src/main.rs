@@ -14,6 +14,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+// glibc malloc was ~17% of a node's CPU under W1 (perf: _int_malloc, malloc_consolidate, free):
+// the message path allocates per message in tonic, bincode and the state machine.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meridian",
