@@ -20,8 +20,13 @@ pub const MAX_DLQ_SOURCES: usize = 6;
 /// Queues per tenant (CMQ: 1000 per account, error 4450).
 pub const MAX_QUEUES_PER_TENANT: usize = 1000;
 
-/// Checks a queue or topic name: starts with a letter, then letters, digits, `-` or `_`, ≤64.
+/// Checks a queue name: starts with a letter, then letters, digits, `-` or `_`, ≤64.
 pub fn validate_name(name: &str) -> CmqResult<()> {
+    validate_name_of("queue", 10020, name)
+}
+
+/// The same naming rule for a `what` (topic, subscription …), reported with `module`.
+pub fn validate_name_of(what: &str, module: u32, name: &str) -> CmqResult<()> {
     let mut chars = name.chars();
     let ok = match chars.next() {
         Some(c) if c.is_ascii_alphabetic() => {
@@ -34,9 +39,9 @@ pub fn validate_name(name: &str) -> CmqResult<()> {
         Ok(())
     } else {
         Err(CmqError::invalid(
-            10020,
+            module,
             format!(
-                "invalid queue name {name:?}: 1-64 characters, starting with a letter, then letters, digits, '-' or '_'"
+                "invalid {what} name {name:?}: 1-64 characters, starting with a letter, then letters, digits, '-' or '_'"
             ),
         ))
     }

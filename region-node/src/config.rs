@@ -191,10 +191,6 @@ impl NodeConfig {
         if ids.contains(&0) {
             return bad("member id 0 is reserved".into());
         }
-        if self.topics.push_ca_file.is_some() {
-            crate::push::tls_connector(&self.topics)
-                .map_err(|e| NodeError::Config(format!("[topics] push_ca_file: {e}")))?;
-        }
         let t = &self.topics;
         if t.backoff_retry_min_seconds > t.backoff_retry_max_seconds
             || t.exponential_retry_cap_seconds == 0

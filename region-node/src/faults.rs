@@ -74,7 +74,14 @@ impl Clock for FaultyClock {
 pub struct FaultyStorage {
     inner: Arc<dyn StorageEngine>,
     faults: Arc<Faults>,
-    parked: Arc<Mutex<VecDeque<LogJob>>>,
+    parked: Arc<Parked>,
+}
+
+/// Log jobs held back while the disk is full, in submission order.
+#[derive(Default)]
+struct Parked {
+    jobs: Mutex<VecDeque<LogJob>>,
+    arrived: Condvar,
 }
 
 impl FaultyStorage {
@@ -88,12 +95,18 @@ impl FaultyStorage {
         std::thread::Builder::new()
             .name("disk-full-release".into())
             .spawn(move || loop {
+                {
+                    let mut jobs = parked.jobs.lock().expect("parked lock");
+                    while jobs.is_empty() {
+                        jobs = parked.arrived.wait(jobs).expect("parked lock");
+                    }
+                }
                 faults.wait_for_space();
-                let jobs: Vec<LogJob> = parked.lock().expect("parked lock").drain(..).collect();
-                for j in jobs {
+                // Under the lock, so a job submitted meanwhile cannot overtake these.
+                let mut jobs = parked.jobs.lock().expect("parked lock");
+                for j in jobs.drain(..) {
                     inner.submit(j);
                 }
-                std::thread::sleep(Duration::from_millis(20));
             })
             .expect("spawn the disk-full release thread");
         s
@@ -139,12 +152,12 @@ impl StorageEngine for FaultyStorage {
     }
 
     fn submit(&self, job: LogJob) {
-        let mut parked = self.parked.lock().expect("parked lock");
+        let mut jobs = self.parked.jobs.lock().expect("parked lock");
         // Behind parked jobs too, so the log keeps its order.
-        if self.faults.disk_full.load(Ordering::SeqCst) || !parked.is_empty() {
-            parked.push_back(job);
+        if self.faults.disk_full.load(Ordering::SeqCst) || !jobs.is_empty() {
+            jobs.push_back(job);
+            self.parked.arrived.notify_one();
         } else {
-            drop(parked);
             self.inner.submit(job);
         }
     }

@@ -5,15 +5,11 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use meridian_api::topics::Protocol;
 use openraft::ServerState;
 
 use crate::node::RegionNode;
-use meridian_api::topics::Protocol;
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
+use crate::topic::SubscriptionView;
 
 /// Label values escaped as the text format requires.
 fn esc(v: &str) -> String {
@@ -22,49 +18,69 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One metric family: its HELP and TYPE lines, then one sample per `(labels, value)`.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in rows {
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+}
+
 pub fn render(node: &RegionNode) -> String {
     let mut out = String::new();
     let m = node.engine.metrics();
-    let id = node.id;
-    for (name, kind, help, v) in [
-        (
-            "meridian_wal_syncs_total",
-            "counter",
-            "Log write batches made durable with one WAL fsync.",
-            m.wal_syncs.load(Ordering::Relaxed),
-        ),
-        (
-            "meridian_log_jobs_synced_total",
-            "counter",
-            "Raft log appends, truncations and purges completed by those batches.",
-            m.synced_appends.load(Ordering::Relaxed),
-        ),
-        (
-            "meridian_wal_sync_seconds_total",
-            "counter",
-            "Time spent in WAL fsync.",
-            0,
-        ),
-        (
-            "meridian_wal_sync_errors_total",
-            "counter",
-            "Failed log writes or fsyncs.",
-            m.sync_errors.load(Ordering::Relaxed),
-        ),
-    ] {
-        header(&mut out, name, kind, help);
-        if name == "meridian_wal_sync_seconds_total" {
-            let secs = m.sync_micros.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "{name}{{node=\"{id}\"}} {secs}");
-        } else {
-            let _ = writeln!(out, "{name}{{node=\"{id}\"}} {v}");
-        }
-    }
+    let node_label = format!("node=\"{}\"", node.id);
+    let one = |v: f64| vec![(node_label.clone(), v)];
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    family(
+        &mut out,
+        "meridian_wal_syncs_total",
+        "counter",
+        "Log write batches made durable with one WAL fsync.",
+        &one(load(&m.wal_syncs)),
+    );
+    family(
+        &mut out,
+        "meridian_log_jobs_synced_total",
+        "counter",
+        "Raft log appends, truncations and purges completed by those batches.",
+        &one(load(&m.synced_appends)),
+    );
+    family(
+        &mut out,
+        "meridian_wal_sync_seconds_total",
+        "counter",
+        "Time spent in WAL fsync.",
+        &one(load(&m.sync_micros) / 1e6),
+    );
+    family(
+        &mut out,
+        "meridian_wal_sync_errors_total",
+        "counter",
+        "Failed log writes or fsyncs.",
+        &one(load(&m.sync_errors)),
+    );
 
+    // Each group's Raft metrics, read once: (labels, term, last log, snapshot, applied, leader).
     let groups: Vec<_> = (0..=node.data_groups())
         .filter_map(|g| node.group_ref(g))
+        .map(|g| {
+            let rm = g.raft.metrics().borrow().clone();
+            (
+                g,
+                format!("{node_label},group=\"{}\"", g.id),
+                [
+                    rm.current_term,
+                    rm.last_log_index.unwrap_or(0),
+                    rm.snapshot.map_or(0, |l| l.index),
+                    rm.last_applied.map_or(0, |l| l.index),
+                    u64::from(rm.state == ServerState::Leader),
+                ],
+            )
+        })
         .collect();
-    let raft_gauges: [(&str, &str); 5] = [
+    for (i, (name, help)) in [
         ("meridian_raft_term", "Current Raft term."),
         (
             "meridian_raft_last_log_index",
@@ -79,93 +95,87 @@ pub fn render(node: &RegionNode) -> String {
             "Index applied to the state machine.",
         ),
         ("meridian_raft_is_leader", "1 if this node leads the group."),
-    ];
-    for (name, help) in raft_gauges {
-        header(&mut out, name, "gauge", help);
-        for g in &groups {
-            let rm = g.raft.metrics().borrow().clone();
-            let v = match name {
-                "meridian_raft_term" => rm.current_term,
-                "meridian_raft_last_log_index" => rm.last_log_index.unwrap_or(0),
-                "meridian_raft_snapshot_index" => rm.snapshot.map_or(0, |l| l.index),
-                "meridian_raft_applied_index" => rm.last_applied.map_or(0, |l| l.index),
-                _ => u64::from(rm.state == ServerState::Leader),
-            };
-            let _ = writeln!(out, "{name}{{node=\"{id}\",group=\"{}\"}} {v}", g.id);
-        }
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rows: Vec<_> = groups
+            .iter()
+            .map(|(_, l, v)| (l.clone(), v[i] as f64))
+            .collect();
+        family(&mut out, name, "gauge", help, &rows);
     }
 
-    let subs: [(&str, &str, &str); 6] = [
-        (
-            "meridian_subscription_routed_total",
-            "counter",
-            "Messages routed to the subscription.",
-        ),
-        (
-            "meridian_subscription_delivered_total",
-            "counter",
-            "HTTP pushes answered with a 2xx.",
-        ),
-        (
-            "meridian_subscription_retried_total",
-            "counter",
-            "Failed HTTP pushes scheduled for a retry.",
-        ),
-        (
-            "meridian_subscription_dropped_total",
-            "counter",
-            "HTTP pushes given up (retries or retention exhausted).",
-        ),
-        (
-            "meridian_subscription_pending",
-            "gauge",
-            "HTTP pushes outstanding.",
-        ),
-        (
-            "meridian_subscription_lag_seconds",
-            "gauge",
-            "Age of the oldest outstanding HTTP push.",
-        ),
-    ];
+    // Subscriptions of the topics in groups this node leads.
     let now = node.clock.now_ms();
-    for (name, kind, help) in subs {
-        header(&mut out, name, kind, help);
-        for g in &groups {
-            if g.raft.metrics().borrow().state != ServerState::Leader {
-                continue;
-            }
-            let state = g.shared.state.read().expect("state lock");
-            for (key, t) in &state.topics {
-                for s in t.subscriptions.values() {
-                    let oldest = s
-                        .pending
-                        .keys()
-                        .next()
-                        .and_then(|seq| t.messages.get(seq))
-                        .map(|m| m.publish_ms);
-                    let v = match name {
-                        "meridian_subscription_routed_total" => s.stats.routed as f64,
-                        "meridian_subscription_delivered_total" => s.stats.delivered as f64,
-                        "meridian_subscription_retried_total" => s.stats.retried as f64,
-                        "meridian_subscription_dropped_total" => s.stats.dropped as f64,
-                        "meridian_subscription_pending" => s.pending.len() as f64,
-                        _ => oldest.map_or(0.0, |p| (now - p).max(0) as f64 / 1000.0),
-                    };
-                    if s.spec.protocol == Protocol::Queue
-                        && name != "meridian_subscription_routed_total"
-                    {
-                        continue;
-                    }
-                    let _ = writeln!(
-                        out,
-                        "{name}{{tenant=\"{}\",topic=\"{}\",subscription=\"{}\"}} {v}",
-                        esc(&key.tenant),
-                        esc(&t.name),
-                        esc(&s.spec.name)
-                    );
-                }
+    let mut subs: Vec<(String, SubscriptionView)> = Vec::new();
+    for (g, _, v) in &groups {
+        if v[4] == 0 {
+            continue;
+        }
+        let state = g.shared.state.read().expect("state lock");
+        for (key, t) in &state.topics {
+            for s in t.subscriptions.values() {
+                let labels = format!(
+                    "tenant=\"{}\",topic=\"{}\",subscription=\"{}\"",
+                    esc(&key.tenant),
+                    esc(&t.name),
+                    esc(&s.spec.name)
+                );
+                subs.push((labels, SubscriptionView::new(t, s)));
             }
         }
     }
+    let rows = |http_only: bool, f: &dyn Fn(&SubscriptionView) -> f64| -> Vec<(String, f64)> {
+        subs.iter()
+            .filter(|(_, v)| !http_only || v.spec.protocol == Protocol::Http)
+            .map(|(l, v)| (l.clone(), f(v)))
+            .collect()
+    };
+    family(
+        &mut out,
+        "meridian_subscription_routed_total",
+        "counter",
+        "Messages routed to the subscription.",
+        &rows(false, &|v| v.stats.routed as f64),
+    );
+    family(
+        &mut out,
+        "meridian_subscription_delivered_total",
+        "counter",
+        "HTTP pushes answered with a 2xx.",
+        &rows(true, &|v| v.stats.delivered as f64),
+    );
+    family(
+        &mut out,
+        "meridian_subscription_retried_total",
+        "counter",
+        "Failed HTTP pushes scheduled for a retry.",
+        &rows(true, &|v| v.stats.retried as f64),
+    );
+    family(
+        &mut out,
+        "meridian_subscription_dropped_total",
+        "counter",
+        "HTTP pushes given up (retries or retention exhausted).",
+        &rows(true, &|v| v.stats.dropped as f64),
+    );
+    family(
+        &mut out,
+        "meridian_subscription_pending",
+        "gauge",
+        "HTTP pushes outstanding.",
+        &rows(true, &|v| v.msg_count as f64),
+    );
+    family(
+        &mut out,
+        "meridian_subscription_lag_seconds",
+        "gauge",
+        "Age of the oldest outstanding HTTP push.",
+        &rows(true, &|v| match v.oldest_pending_ms {
+            0 => 0.0,
+            p => (now - p).max(0) as f64 / 1000.0,
+        }),
+    );
     out
 }

@@ -159,6 +159,20 @@ pub struct QueueView {
     pub min_msg_ms: i64,
 }
 
+/// `(name, id)` of the entries of `tenant` whose lower-cased name contains `search`.
+fn named<T>(
+    map: &BTreeMap<QueueKey, T>,
+    tenant: &str,
+    search: &str,
+    name_and_id: impl Fn(&T) -> (String, String),
+) -> Vec<(String, String)> {
+    let search = search.to_ascii_lowercase();
+    map.iter()
+        .filter(|(k, _)| k.tenant == tenant && k.name.contains(&search))
+        .map(|(_, v)| name_and_id(v))
+        .collect()
+}
+
 /// Why a leader did not execute a request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum ForwardError {
@@ -175,6 +189,8 @@ pub struct RegionNode {
     pub transport: Arc<dyn Transport>,
     /// Injected faults; `Some` only when the config enables fault injection (tests).
     pub faults: Option<Arc<Faults>>,
+    /// The TLS client of HTTP push (web PKI roots plus `[topics] push_ca_file`), built once.
+    pub push_tls: tokio_rustls::TlsConnector,
     pub receipts: ReceiptSigner,
     pub clock: Arc<dyn Clock>,
     /// Nonces of signed HTTP requests, used while this node leads the metadata group.
@@ -185,6 +201,8 @@ impl RegionNode {
     /// Opens storage and starts every group's Raft; does not serve the network yet.
     pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
         config.validate()?;
+        let push_tls = crate::push::tls_connector(&config.topics)
+            .map_err(|e| NodeError::Config(format!("[topics] push_ca_file: {e}")))?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             NodeError::Storage(format!("create {}: {e}", config.data_dir.display()))
         })?;
@@ -252,6 +270,7 @@ impl RegionNode {
             transport,
             clock,
             faults,
+            push_tls,
             nonces: Default::default(),
         }))
     }
@@ -459,15 +478,9 @@ impl RegionNode {
                         })
                     }
                     GroupRequest::ListQueues { tenant, search } => {
-                        let search = search.to_ascii_lowercase();
-                        GroupReply::Queues(
-                            state
-                                .queues
-                                .iter()
-                                .filter(|(k, _)| &k.tenant == tenant && k.name.contains(&search))
-                                .map(|(_, q)| (q.name.clone(), q.queue_id.clone()))
-                                .collect(),
-                        )
+                        GroupReply::Queues(named(&state.queues, tenant, search, |q| {
+                            (q.name.clone(), q.queue_id.clone())
+                        }))
                     }
                     GroupRequest::DeadLetterSources { dlq } => GroupReply::Queues(
                         state
@@ -481,28 +494,12 @@ impl RegionNode {
                         GroupReply::Topic(v)
                     }
                     GroupRequest::ListTopics { tenant, search } => {
-                        let search = search.to_ascii_lowercase();
-                        GroupReply::Queues(
-                            state
-                                .topics
-                                .iter()
-                                .filter(|(k, _)| &k.tenant == tenant && k.name.contains(&search))
-                                .map(|(_, t)| (t.name.clone(), t.topic_id.clone()))
-                                .collect(),
-                        )
+                        GroupReply::Queues(named(&state.topics, tenant, search, |t| {
+                            (t.name.clone(), t.topic_id.clone())
+                        }))
                     }
                     GroupRequest::GetSubscription { key, name } => {
-                        let t = state.topic(key).map_err(ForwardError::Cmq)?;
-                        let s =
-                            t.subscriptions
-                                .get(&name.to_ascii_lowercase())
-                                .ok_or_else(|| {
-                                    ForwardError::Cmq(CmqError::new(
-                                        meridian_api::CmqCode::NotFound,
-                                        10600,
-                                        format!("subscription {name:?} does not exist"),
-                                    ))
-                                })?;
+                        let (t, s) = state.subscription(key, name).map_err(ForwardError::Cmq)?;
                         GroupReply::Subscription(SubscriptionView::new(t, s))
                     }
                     GroupRequest::ListSubscriptions { key, search } => {

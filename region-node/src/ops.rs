@@ -37,7 +37,7 @@ pub struct QueueOps {
     pub node: Arc<RegionNode>,
 }
 
-fn unexpected(what: &str) -> CmqError {
+pub(crate) fn unexpected(what: &str) -> CmqError {
     CmqError::internal(format!("unexpected reply to {what}"))
 }
 
@@ -51,7 +51,8 @@ impl QueueOps {
         Ok(QueueKey::new(tenant, name))
     }
 
-    async fn write(&self, key: &QueueKey, op: Op) -> CmqResult<OpResult> {
+    /// Executes `op` on the leader of the group that owns `key` (a queue's or a topic's).
+    pub(crate) async fn write(&self, key: &QueueKey, op: Op) -> CmqResult<OpResult> {
         match self
             .node
             .execute(self.node.group_of(key), GroupRequest::Write(op))
@@ -71,7 +72,7 @@ impl QueueOps {
     }
 
     /// Runs `req` on every data group and concatenates the `(name, id)` lists, sorted by name.
-    async fn fan_out(&self, req: GroupRequest) -> CmqResult<Vec<(String, String)>> {
+    pub(crate) async fn fan_out(&self, req: GroupRequest) -> CmqResult<Vec<(String, String)>> {
         let calls = (1..=self.node.data_groups()).map(|g| self.node.execute(g, req.clone()));
         let mut all = Vec::new();
         for r in futures::future::join_all(calls).await {

@@ -50,14 +50,6 @@ type InFlight = Arc<Mutex<HashSet<(QueueKey, String, u64)>>>;
 
 /// Runs forever; does work only while this node leads `group`.
 pub async fn run(node: Arc<RegionNode>, group: u32) {
-    let tls = match tls_connector(&node.config.topics) {
-        Ok(t) => t,
-        Err(e) => {
-            // Validated at start (see `NodeConfig::validate`), so only a file changed since.
-            tracing::error!("push TLS setup: {e}; https:// endpoints will fail");
-            tls_connector(&TopicsConfig::default()).expect("default TLS setup")
-        }
-    };
     let in_flight: InFlight = Arc::default();
     let (tx, mut rx) = mpsc::unbounded_channel::<(PushJob, bool)>();
     let mut tick = tokio::time::interval(SCAN_INTERVAL);
@@ -82,7 +74,7 @@ pub async fn run(node: Arc<RegionNode>, group: u32) {
             let tx = tx.clone();
             let timeout = Duration::from_secs(node.config.topics.push_timeout_seconds);
             let tenant_owner = job.topic.tenant.clone();
-            let tls = tls.clone();
+            let tls = node.push_tls.clone();
             tokio::spawn(async move {
                 let ok = match tokio::time::timeout(timeout, post(&job, &tenant_owner, &tls)).await
                 {

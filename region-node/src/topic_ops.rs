@@ -12,7 +12,7 @@ use meridian_api::{CmqCode, CmqError, CmqResult};
 
 use crate::command::{Op, OpResult, QueueKey};
 use crate::node::{GroupReply, GroupRequest, RegionNode};
-use crate::ops::{QueueOps, QueuePage};
+use crate::ops::{unexpected, QueueOps, QueuePage};
 use crate::topic::{SubscriptionPatch, SubscriptionSpec, SubscriptionView, TopicView};
 
 /// Subscribe's parameters before validation (strings as the client sent them).
@@ -47,26 +47,12 @@ pub struct TopicOps {
     queues: QueueOps,
 }
 
-fn unexpected(what: &str) -> CmqError {
-    CmqError::internal(format!("unexpected reply to {what}"))
-}
-
 fn topic_name(name: &str) -> CmqResult<()> {
-    limits::validate_name(name).map_err(|_| {
-        CmqError::invalid(
-            10590,
-            format!("invalid topic name {name:?}: 1-64 characters, starting with a letter, then letters, digits, '-' or '_'"),
-        )
-    })
+    limits::validate_name_of("topic", 10590, name)
 }
 
 fn subscription_name(name: &str) -> CmqResult<()> {
-    limits::validate_name(name).map_err(|_| {
-        CmqError::invalid(
-            10620,
-            format!("invalid subscription name {name:?}: 1-64 characters, starting with a letter, then letters, digits, '-' or '_'"),
-        )
-    })
+    limits::validate_name_of("subscription", 10620, name)
 }
 
 fn max_msg_size(v: u32) -> CmqResult<u32> {
@@ -93,31 +79,21 @@ impl TopicOps {
     }
 
     async fn write(&self, key: &QueueKey, op: Op) -> CmqResult<OpResult> {
-        match self
-            .node
-            .execute(self.node.group_of(key), GroupRequest::Write(op))
-            .await?
-        {
-            GroupReply::Op(r) => Ok(r),
-            _ => Err(unexpected("write")),
-        }
+        self.queues.write(key, op).await
+    }
+
+    /// A read on the leader of the topic's group.
+    async fn read(&self, key: &QueueKey, req: GroupRequest) -> CmqResult<GroupReply> {
+        self.node.execute(self.node.group_of(key), req).await
     }
 
     async fn list_all(&self, tenant: &str, search: &str) -> CmqResult<Vec<(String, String)>> {
-        let req = GroupRequest::ListTopics {
-            tenant: tenant.into(),
-            search: search.into(),
-        };
-        let calls = (1..=self.node.data_groups()).map(|g| self.node.execute(g, req.clone()));
-        let mut all = Vec::new();
-        for r in futures::future::join_all(calls).await {
-            match r? {
-                GroupReply::Queues(t) => all.extend(t),
-                _ => return Err(unexpected("list topics")),
-            }
-        }
-        all.sort_by_key(|a| a.0.to_ascii_lowercase());
-        Ok(all)
+        self.queues
+            .fan_out(GroupRequest::ListTopics {
+                tenant: tenant.into(),
+                search: search.into(),
+            })
+            .await
     }
 
     pub async fn create(
@@ -154,8 +130,7 @@ impl TopicOps {
     pub async fn get(&self, tenant: &str, name: &str) -> CmqResult<TopicView> {
         let key = self.key(tenant, name)?;
         match self
-            .node
-            .execute(self.node.group_of(&key), GroupRequest::GetTopic { key })
+            .read(&key, GroupRequest::GetTopic { key: key.clone() })
             .await?
         {
             GroupReply::Topic(v) => Ok(v),
@@ -323,7 +298,7 @@ impl TopicOps {
             key: key.clone(),
             name: name.into(),
         };
-        match self.node.execute(self.node.group_of(&key), req).await? {
+        match self.read(&key, req).await? {
             GroupReply::Subscription(v) => Ok(v),
             _ => Err(unexpected("get subscription")),
         }
@@ -351,7 +326,7 @@ impl TopicOps {
             key: key.clone(),
             search: search.into(),
         };
-        match self.node.execute(self.node.group_of(&key), req).await? {
+        match self.read(&key, req).await? {
             GroupReply::Subscriptions(all) => Ok(SubscriptionPage {
                 total: all.len() as u64,
                 subscriptions: all

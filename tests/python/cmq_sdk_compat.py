@@ -12,27 +12,11 @@ import threading
 import time
 
 from cmq.account import Account
-from cmq.cmq_exception import CMQServerException
 from cmq.queue import Message, QueueMeta
 
+from sdk_checks import check, done, expect_code
+
 HOST, SID, SKEY, SID2, SKEY2 = sys.argv[1:6]
-checks = 0
-
-
-def check(cond, what):
-    global checks
-    if not cond:
-        raise SystemExit("FAILED: " + what)
-    checks += 1
-
-
-def expect_code(code, fn, what):
-    try:
-        fn()
-    except CMQServerException as e:
-        check(e.code == code, "%s: expected code %d, got %d (%s)" % (what, code, e.code, e.message))
-        return
-    check(False, "%s: expected code %d, got success" % (what, code))
 
 
 def meta(**attrs):
@@ -171,4 +155,4 @@ other.get_queue("sdk-orders").create(QueueMeta())
 check(other.list_queue()[0] == 1, "same name in another tenant")
 check(acct.list_queue("sdk-orders")[0] == 1, "first tenant unaffected")
 
-print("OK %d checks" % checks)
+done()

@@ -19,24 +19,9 @@ from cmq.queue import QueueMeta
 from cmq.subscription import SubscriptionMeta
 from cmq.topic import Message, TopicMeta
 
+from sdk_checks import check, done, expect_code
+
 HOST, SID, SKEY = sys.argv[1:4]
-checks = 0
-
-
-def check(cond, what):
-    global checks
-    if not cond:
-        raise SystemExit("FAILED: " + what)
-    checks += 1
-
-
-def expect_code(code, fn, what):
-    try:
-        fn()
-    except CMQServerException as e:
-        check(e.code == code, "%s: expected code %d, got %d (%s)" % (what, code, e.code, e.message))
-        return
-    check(False, "%s: expected code %d, got success" % (what, code))
 
 
 def eventually(cond, seconds, what, pause=0.25, seen=None):
@@ -324,4 +309,4 @@ eventually(lambda: raw_sub_attrs("sdk-push", "push-flaky").get("msgCount") == 0,
            "push-flaky msgCount back to 0 after delivery", pause=0.5)
 
 receiver.shutdown()
-print("OK %d checks" % checks)
+done()

@@ -205,14 +205,6 @@ fn body_ok(queue: &str, body: &str) -> bool {
     }
 }
 
-fn lazy_channel(endpoint: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .expect("valid endpoint")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(8))
-        .connect_lazy()
-}
-
 async fn client_loop(
     client: usize,
     queue: String,
@@ -602,9 +594,7 @@ pub async fn run(cfg: ChaosConfig) -> Report {
             .expect("create chaos queue");
     }
     let group = group_of(&QueueKey::new("0", &queues[0]), 2);
-    let channels: Vec<Channel> = (1..=3)
-        .map(|id| lazy_channel(&region.endpoint(id)))
-        .collect();
+    let channels = region.lazy_channels(Duration::from_secs(8));
     let history = Arc::new(Mutex::new(History::default()));
     let until = Instant::now() + cfg.duration;
     let clients: Vec<_> = (0..cfg.clients)

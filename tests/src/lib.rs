@@ -4,13 +4,17 @@
 
 pub mod chaos;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use meridian_api::pb::cluster_service_client::ClusterServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
-use meridian_api::pb::{ClusterStatusReply, Empty, ListQueueRequest};
+use meridian_api::pb::{
+    BatchDeleteMessageRequest, BatchReceiveMessageRequest, ClusterStatusReply, Empty,
+    ListQueueRequest,
+};
 use meridian_region_node::config::{
     FaultsConfig, HttpConfig, MemberConfig, NodeConfig, RaftConfig,
 };
@@ -241,6 +245,104 @@ impl Region {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("group {group} has no live leader");
+    }
+
+    /// One lazily connected channel per node (reconnecting after restarts), every call bounded
+    /// by `timeout`, in node id order.
+    pub fn lazy_channels(&self, timeout: Duration) -> Vec<Channel> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                tonic::transport::Endpoint::from_shared(format!("http://{}", n.addr))
+                    .unwrap()
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(timeout)
+                    .connect_lazy()
+            })
+            .collect()
+    }
+
+    pub fn lazy_clients(&self) -> Vec<QueueServiceClient<Channel>> {
+        self.lazy_channels(Duration::from_secs(20))
+            .into_iter()
+            .map(QueueServiceClient::new)
+            .collect()
+    }
+
+    /// Receives and deletes (through every live node in turn) until the queue stays empty and at
+    /// least `expect_at_least` messages came; returns deliveries per message id with
+    /// bodies, and the ids whose delete succeeded.
+    pub async fn drain(
+        &self,
+        queue: &str,
+        expect_at_least: usize,
+    ) -> (BTreeMap<String, (usize, String)>, BTreeMap<String, usize>) {
+        let clients = self.lazy_clients();
+        let live = self.live_ids();
+        let mut delivered: BTreeMap<String, (usize, String)> = BTreeMap::new();
+        let mut deleted: BTreeMap<String, usize> = BTreeMap::new();
+        let mut empty_in_a_row = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        let mut turn = 0usize;
+        while empty_in_a_row < 3 || delivered.len() < expect_at_least {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "drain did not finish: {} delivered",
+                delivered.len()
+            );
+            let mut c = clients[(live[turn % live.len()] - 1) as usize].clone();
+            turn += 1;
+            let r = c
+                .batch_receive_message(BatchReceiveMessageRequest {
+                    queue_name: queue.into(),
+                    num_of_msg: 16,
+                    polling_wait_seconds: Some(1),
+                })
+                .await;
+            let msgs = match r {
+                Ok(r) => r.into_inner().messages,
+                Err(s) if cmq_code(&s) == 7000 => {
+                    empty_in_a_row += 1;
+                    continue;
+                }
+                Err(s) => {
+                    eprintln!("receive error (retrying): {s}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            empty_in_a_row = 0;
+            let mut handles = Vec::new();
+            let mut ids = Vec::new();
+            for m in msgs {
+                let e = delivered
+                    .entry(m.msg_id.clone())
+                    .or_insert((0, String::from_utf8(m.msg_body.clone()).unwrap()));
+                e.0 += 1;
+                handles.push(m.receipt_handle);
+                ids.push(m.msg_id);
+            }
+            let r = c
+                .batch_delete_message(BatchDeleteMessageRequest {
+                    queue_name: queue.into(),
+                    receipt_handle: handles.clone(),
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let failed: BTreeSet<String> =
+                        r.errors.into_iter().map(|e| e.receipt_handle).collect();
+                    for (id, h) in ids.into_iter().zip(handles) {
+                        if !failed.contains(&h) {
+                            *deleted.entry(id).or_default() += 1;
+                        }
+                    }
+                }
+                Err(s) => eprintln!("delete error (messages will come back): {s}"),
+            }
+        }
+        (delivered, deleted)
     }
 
     /// Waits until every live node answers a linearizable ListQueue (every group has a leader).

@@ -157,33 +157,13 @@ async fn corrupted_wal_stops_the_node_which_then_resyncs() {
     region.spawn(victim);
     region.wait_ready(Duration::from_secs(60)).await;
 
-    let mut got = BTreeSet::new();
-    let mut dups = 0;
-    loop {
-        let r = c
-            .batch_receive_message(BatchReceiveMessageRequest {
-                queue_name: "ledger".into(),
-                num_of_msg: 16,
-                polling_wait_seconds: Some(1),
-            })
-            .await;
-        let msgs = match r {
-            Ok(r) => r.into_inner().messages,
-            Err(s) if meridian_tests::cmq_code(&s) == 7000 => break,
-            Err(s) => panic!("{s}"),
-        };
-        for m in &msgs {
-            if !got.insert(String::from_utf8(m.msg_body.clone()).unwrap()) {
-                dups += 1;
-            }
-        }
-        c.batch_delete_message(BatchDeleteMessageRequest {
-            queue_name: "ledger".into(),
-            receipt_handle: msgs.into_iter().map(|m| m.receipt_handle).collect(),
-        })
-        .await
-        .unwrap();
-    }
+    let (delivered, _) = region.drain("ledger", 0).await;
+    let bodies: Vec<String> = delivered
+        .into_values()
+        .flat_map(|(n, body)| std::iter::repeat_n(body, n))
+        .collect();
+    let got: BTreeSet<String> = bodies.iter().cloned().collect();
+    let dups = bodies.len() - got.len();
     assert_eq!(dups, 0);
     assert_eq!(got, acked, "acknowledged messages lost or invented");
     let divergent = meridian_tests::chaos::divergence(&region).await;

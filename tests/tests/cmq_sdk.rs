@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::Command;
 
 use meridian_api::pb::credential_service_client::CredentialServiceClient;
-use meridian_api::pb::{CreateCredentialRequest, CreateQueueRequest, QueueAttributes};
+use meridian_api::pb::{
+    CreateCredentialRequest, CreateQueueRequest, CredentialInfo, QueueAttributes,
+};
 use meridian_tests::Region;
 
 fn run(cmd: &mut Command, what: &str) -> String {
@@ -41,22 +43,40 @@ fn sdk_venv() -> tempfile::TempDir {
     venv
 }
 
+/// A new SecretId/SecretKey pair for tenant `app_id`.
+async fn credential(region: &Region, app_id: u64) -> CredentialInfo {
+    CredentialServiceClient::new(region.channel(1).await.unwrap())
+        .create_credential(CreateCredentialRequest { app_id })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Runs `tests/python/<script>` with the venv's Python from a scratch directory (the SDK writes
+/// its log file into the working directory); it must print `OK …`.
+fn run_script(venv: &tempfile::TempDir, script: &str, args: &[&str]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let scratch = tempfile::tempdir().unwrap();
+    let out = run(
+        Command::new(venv.path().join("bin/python"))
+            .arg(&path)
+            .args(args)
+            .current_dir(scratch.path()),
+        script,
+    );
+    assert!(out.contains("OK "), "{out}");
+    eprintln!("{}", out.trim());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_sdk_drives_the_queue_api() {
     let venv = sdk_venv();
 
     let region = Region::start(3, 2).await;
-    let mut creds = CredentialServiceClient::new(region.channel(1).await.unwrap());
-    let main = creds
-        .create_credential(CreateCredentialRequest { app_id: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let other = creds
-        .create_credential(CreateCredentialRequest { app_id: 7 })
-        .await
-        .unwrap()
-        .into_inner();
+    let main = credential(&region, 0).await;
+    let other = credential(&region, 7).await;
 
     // The SDK cannot set a dead-letter policy; set it up over gRPC (tenant of app id 0).
     let mut c = region.client(2).await;
@@ -79,24 +99,18 @@ async fn official_python_sdk_drives_the_queue_api() {
     .await
     .unwrap();
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/cmq_sdk_compat.py");
-    let scratch = tempfile::tempdir().unwrap();
     let host = format!("http://{}", region.http_addr(3));
-    let out = run(
-        Command::new(venv.path().join("bin/python"))
-            .arg(&script)
-            .args([
-                &host,
-                &main.secret_id,
-                &main.secret_key,
-                &other.secret_id,
-                &other.secret_key,
-            ])
-            .current_dir(scratch.path()),
+    run_script(
+        &venv,
         "cmq_sdk_compat.py",
+        &[
+            &host,
+            &main.secret_id,
+            &main.secret_key,
+            &other.secret_id,
+            &other.secret_key,
+        ],
     );
-    assert!(out.contains("OK "), "{out}");
-    eprintln!("{}", out.trim());
 }
 
 /// The topic surface through the official SDK: fan-out by tags and routing keys, HTTP push in
@@ -105,24 +119,13 @@ async fn official_python_sdk_drives_the_queue_api() {
 async fn official_python_sdk_drives_the_topic_api() {
     let venv = sdk_venv();
     let region = Region::start(3, 3).await;
-    let mut creds = CredentialServiceClient::new(region.channel(1).await.unwrap());
-    let main = creds
-        .create_credential(CreateCredentialRequest { app_id: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/cmq_topic_compat.py");
-    let scratch = tempfile::tempdir().unwrap();
+    let main = credential(&region, 0).await;
     let host = format!("http://{}", region.http_addr(2));
-    let out = run(
-        Command::new(venv.path().join("bin/python"))
-            .arg(&script)
-            .args([&host, &main.secret_id, &main.secret_key])
-            .current_dir(scratch.path()),
+    run_script(
+        &venv,
         "cmq_topic_compat.py",
+        &[&host, &main.secret_id, &main.secret_key],
     );
-    assert!(out.contains("OK "), "{out}");
-    eprintln!("{}", out.trim());
 }
 
 const HTTPS_SCRIPT: &str = r#"

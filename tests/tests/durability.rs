@@ -6,13 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::{
-    BatchDeleteMessageRequest, BatchReceiveMessageRequest, BatchSendMessageRequest,
-    CreateQueueRequest, QueueNameRequest, SendMessageRequest,
+    BatchSendMessageRequest, CreateQueueRequest, QueueNameRequest, SendMessageRequest,
 };
-use meridian_tests::{cmq_code, Region};
-use tonic::transport::Channel;
+use meridian_tests::Region;
 
 /// What the clients observed: acknowledged sends by message id, and bodies whose send failed
 /// without an answer (they may or may not have been committed).
@@ -20,21 +17,6 @@ use tonic::transport::Channel;
 struct History {
     acked: BTreeMap<String, String>,
     indeterminate: BTreeSet<String>,
-}
-
-fn lazy_clients(region: &Region) -> Vec<QueueServiceClient<Channel>> {
-    region
-        .nodes
-        .iter()
-        .map(|n| {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", n.addr))
-                .unwrap()
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(20))
-                .connect_lazy();
-            QueueServiceClient::new(ch)
-        })
-        .collect()
 }
 
 async fn queue_group(region: &Region, name: &str) -> u32 {
@@ -46,81 +28,6 @@ async fn queue_group(region: &Region, name: &str) -> u32 {
     .unwrap()
     .into_inner()
     .group
-}
-
-/// Receives and deletes until the queue stays empty; returns deliveries per message id with
-/// bodies, and the ids whose delete succeeded.
-async fn drain(
-    region: &Region,
-    queue: &str,
-    expect_at_least: usize,
-) -> (BTreeMap<String, (usize, String)>, BTreeMap<String, usize>) {
-    let clients = lazy_clients(region);
-    let live = region.live_ids();
-    let mut delivered: BTreeMap<String, (usize, String)> = BTreeMap::new();
-    let mut deleted: BTreeMap<String, usize> = BTreeMap::new();
-    let mut empty_in_a_row = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let mut turn = 0usize;
-    while empty_in_a_row < 3 || delivered.len() < expect_at_least {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "drain did not finish: {} delivered",
-            delivered.len()
-        );
-        let mut c = clients[(live[turn % live.len()] - 1) as usize].clone();
-        turn += 1;
-        let r = c
-            .batch_receive_message(BatchReceiveMessageRequest {
-                queue_name: queue.into(),
-                num_of_msg: 16,
-                polling_wait_seconds: Some(1),
-            })
-            .await;
-        let msgs = match r {
-            Ok(r) => r.into_inner().messages,
-            Err(s) if cmq_code(&s) == 7000 => {
-                empty_in_a_row += 1;
-                continue;
-            }
-            Err(s) => {
-                eprintln!("receive error (retrying): {s}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        empty_in_a_row = 0;
-        let mut handles = Vec::new();
-        let mut ids = Vec::new();
-        for m in msgs {
-            let e = delivered
-                .entry(m.msg_id.clone())
-                .or_insert((0, String::from_utf8(m.msg_body.clone()).unwrap()));
-            e.0 += 1;
-            handles.push(m.receipt_handle);
-            ids.push(m.msg_id);
-        }
-        let r = c
-            .batch_delete_message(BatchDeleteMessageRequest {
-                queue_name: queue.into(),
-                receipt_handle: handles.clone(),
-            })
-            .await;
-        match r {
-            Ok(r) => {
-                let r = r.into_inner();
-                let failed: BTreeSet<String> =
-                    r.errors.into_iter().map(|e| e.receipt_handle).collect();
-                for (id, h) in ids.into_iter().zip(handles) {
-                    if !failed.contains(&h) {
-                        *deleted.entry(id).or_default() += 1;
-                    }
-                }
-            }
-            Err(s) => eprintln!("delete error (messages will come back): {s}"),
-        }
-    }
-    (delivered, deleted)
 }
 
 fn check(
@@ -175,7 +82,7 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
 
     let history = Arc::new(Mutex::new(History::default()));
     let acked = Arc::new(AtomicUsize::new(0));
-    let clients = lazy_clients(&region);
+    let clients = region.lazy_clients();
     let mut senders = Vec::new();
     for client_no in 0..CLIENTS {
         let clients = clients.clone();
@@ -245,7 +152,7 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
 
     let history = Arc::try_unwrap(history).ok().unwrap().into_inner().unwrap();
     assert_eq!(history.acked.len(), total);
-    let (delivered, deleted) = drain(&region, "orders", total).await;
+    let (delivered, deleted) = region.drain("orders", total).await;
     eprintln!(
         "acked {} indeterminate {} delivered {}",
         history.acked.len(),
@@ -288,7 +195,7 @@ async fn whole_region_sigkill_loses_nothing() {
         region.spawn(id);
     }
     region.wait_ready(Duration::from_secs(60)).await;
-    let (delivered, deleted) = drain(&region, "payments", history.acked.len()).await;
+    let (delivered, deleted) = region.drain("payments", history.acked.len()).await;
     check(&history, &delivered, &deleted);
 }
 
@@ -358,6 +265,6 @@ async fn lagging_follower_catches_up_from_snapshot() {
     // Without the other follower, the group now depends on the restarted node's copy.
     region.kill(survivor);
     region.wait_ready(Duration::from_secs(60)).await;
-    let (delivered, deleted) = drain(&region, "audit", history.acked.len()).await;
+    let (delivered, deleted) = region.drain("audit", history.acked.len()).await;
     check(&history, &delivered, &deleted);
 }

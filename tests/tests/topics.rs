@@ -36,58 +36,14 @@ fn queue_names(groups: u32) -> Vec<String> {
     per_group.into_values().flatten().collect()
 }
 
-/// Receives and deletes everything in `queue` until it stays empty for a few seconds.
+/// Receives and deletes everything in `queue` until it stays empty; every body received, once
+/// per delivery.
 async fn drain(region: &Region, queue: &str) -> Vec<String> {
-    let mut bodies = Vec::new();
-    let mut empty_polls = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while empty_polls < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "draining {queue} did not finish"
-        );
-        let live = region.live_ids();
-        // A just-restarted node may not be listening yet: try another.
-        let Some(ch) = region
-            .channel(live[(bodies.len() + empty_polls) % live.len()])
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let mut c = meridian_api::pb::queue_service_client::QueueServiceClient::new(ch);
-        match c
-            .batch_receive_message(BatchReceiveMessageRequest {
-                queue_name: queue.into(),
-                num_of_msg: 16,
-                polling_wait_seconds: Some(1),
-            })
-            .await
-        {
-            Ok(r) => {
-                let msgs = r.into_inner().messages;
-                if msgs.is_empty() {
-                    empty_polls += 1;
-                    continue;
-                }
-                empty_polls = 0;
-                let handles: Vec<String> = msgs.iter().map(|m| m.receipt_handle.clone()).collect();
-                bodies.extend(
-                    msgs.into_iter()
-                        .map(|m| String::from_utf8(m.msg_body).unwrap()),
-                );
-                c.batch_delete_message(BatchDeleteMessageRequest {
-                    queue_name: queue.into(),
-                    receipt_handle: handles,
-                })
-                .await
-                .expect("delete what was just received");
-            }
-            Err(s) if meridian_tests::cmq_code(&s) == 7000 => empty_polls += 1,
-            Err(s) => panic!("receive from {queue}: {s}"),
-        }
-    }
-    bodies
+    let (delivered, _) = region.drain(queue, 0).await;
+    delivered
+        .into_values()
+        .flat_map(|(n, body)| std::iter::repeat_n(body, n))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

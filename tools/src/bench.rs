@@ -228,12 +228,66 @@ enum Target {
 }
 
 /// One client connection of either protocol. Errors are CMQ codes (0: transport failure).
-/// The `*Topic` variants publish to the topic named where the others name a queue.
 enum Conn {
     Grpc(QueueServiceClient<Channel>),
     Http(CmqHttp),
+}
+
+/// What a publisher sends to: a queue over either protocol, or (T1) a topic.
+enum Sender {
+    Queue(Conn),
     GrpcTopic(TopicServiceClient<Channel>),
     HttpTopic(CmqHttp),
+}
+
+impl Sender {
+    async fn send(&mut self, dest: &str, bodies: Vec<Vec<u8>>) -> Result<(), u32> {
+        match self {
+            Sender::Queue(c) => c.send(dest, bodies).await,
+            Sender::GrpcTopic(c) => {
+                let req = BatchPublishMessageRequest {
+                    topic_name: dest.into(),
+                    msg_body: bodies,
+                    msg_tag: vec![],
+                    routing_key: String::new(),
+                };
+                c.batch_publish_message(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(grpc_code)
+            }
+            Sender::HttpTopic(c) => {
+                let form = BodyForm::new(bodies);
+                let mut params = vec![("topicName", dest), ("Action", "BatchPublishMessage")];
+                params.extend(form.pairs());
+                http_code(c.call(&params).await).map(|_| ())
+            }
+        }
+    }
+}
+
+/// Message bodies as the CMQ form's `msgBody.1..n` parameters.
+struct BodyForm {
+    names: Vec<String>,
+    texts: Vec<String>,
+}
+
+impl BodyForm {
+    fn new(bodies: Vec<Vec<u8>>) -> Self {
+        let texts: Vec<String> = bodies
+            .into_iter()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect();
+        let names = (1..=texts.len()).map(|i| format!("msgBody.{i}")).collect();
+        Self { names, texts }
+    }
+
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.names
+            .iter()
+            .map(String::as_str)
+            .zip(self.texts.iter().map(String::as_str))
+    }
 }
 
 fn grpc_code(s: tonic::Status) -> u32 {
@@ -251,34 +305,6 @@ fn http_code(r: anyhow::Result<CmqReply>) -> Result<CmqReply, u32> {
 impl Conn {
     async fn send(&mut self, queue: &str, bodies: Vec<Vec<u8>>) -> Result<(), u32> {
         match self {
-            Conn::GrpcTopic(c) => {
-                let req = BatchPublishMessageRequest {
-                    topic_name: queue.into(),
-                    msg_body: bodies,
-                    msg_tag: vec![],
-                    routing_key: String::new(),
-                };
-                c.batch_publish_message(req)
-                    .await
-                    .map(|_| ())
-                    .map_err(grpc_code)
-            }
-            Conn::HttpTopic(c) => {
-                let texts: Vec<String> = bodies
-                    .into_iter()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .collect();
-                let names: Vec<String> =
-                    (1..=texts.len()).map(|i| format!("msgBody.{i}")).collect();
-                let mut params = vec![("topicName", queue), ("Action", "BatchPublishMessage")];
-                params.extend(
-                    names
-                        .iter()
-                        .map(String::as_str)
-                        .zip(texts.iter().map(String::as_str)),
-                );
-                http_code(c.call(&params).await).map(|_| ())
-            }
             Conn::Grpc(c) if bodies.len() == 1 => {
                 let msg_body = bodies.into_iter().next().expect("one body");
                 let req = SendMessageRequest {
@@ -300,24 +326,14 @@ impl Conn {
                     .map_err(grpc_code)
             }
             Conn::Http(c) => {
-                let texts: Vec<String> = bodies
-                    .into_iter()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .collect();
-                let names: Vec<String> =
-                    (1..=texts.len()).map(|i| format!("msgBody.{i}")).collect();
+                let form = BodyForm::new(bodies);
                 let mut params = vec![("queueName", queue)];
-                if texts.len() == 1 {
+                if form.texts.len() == 1 {
                     params.push(("Action", "SendMessage"));
-                    params.push(("msgBody", texts[0].as_str()));
+                    params.push(("msgBody", form.texts[0].as_str()));
                 } else {
                     params.push(("Action", "BatchSendMessage"));
-                    params.extend(
-                        names
-                            .iter()
-                            .map(String::as_str)
-                            .zip(texts.iter().map(String::as_str)),
-                    );
+                    params.extend(form.pairs());
                 }
                 http_code(c.call(&params).await).map(|_| ())
             }
@@ -347,7 +363,6 @@ impl Conn {
                         .collect()
                 })
                 .map_err(grpc_code),
-            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => {
                 let (n, wait) = (n.to_string(), wait.to_string());
                 let params = [
@@ -389,7 +404,6 @@ impl Conn {
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
-            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => {
                 let params = [
                     ("Action", "DeleteMessage"),
@@ -414,7 +428,6 @@ impl Conn {
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
-            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => {
                 let params = [
                     ("Action", "CreateQueue"),
@@ -435,7 +448,6 @@ impl Conn {
                 .await
                 .map(|_| ())
                 .map_err(grpc_code),
-            Conn::GrpcTopic(_) | Conn::HttpTopic(_) => Err(0),
             Conn::Http(c) => http_code(
                 c.call(&[("Action", "DeleteQueue"), ("queueName", queue)])
                     .await,
@@ -591,7 +603,7 @@ async fn topic_publisher_conns(
     args: &BenchArgs,
     topic: &str,
     n: usize,
-) -> anyhow::Result<Vec<(Conn, String)>> {
+) -> anyhow::Result<Vec<(Sender, String)>> {
     let mut out = Vec::with_capacity(n);
     match target {
         Target::Grpc { seed } => {
@@ -611,7 +623,7 @@ async fn topic_publisher_conns(
             }
             for i in 0..n {
                 out.push((
-                    Conn::GrpcTopic(TopicServiceClient::new(chs[i % chs.len()].clone())),
+                    Sender::GrpcTopic(TopicServiceClient::new(chs[i % chs.len()].clone())),
                     topic.to_string(),
                 ));
             }
@@ -623,7 +635,7 @@ async fn topic_publisher_conns(
         } => {
             for _ in 0..n {
                 out.push((
-                    Conn::HttpTopic(CmqHttp::new(endpoint, secret_id, secret_key)?),
+                    Sender::HttpTopic(CmqHttp::new(endpoint, secret_id, secret_key)?),
                     topic.to_string(),
                 ));
             }
@@ -669,7 +681,7 @@ async fn leader_of_group(ch: Channel, seed: &str, group: u32) -> anyhow::Result<
 fn spawn_publishers(
     args: &BenchArgs,
     w: Window,
-    conns: Vec<(Conn, String)>,
+    conns: Vec<(Sender, String)>,
     origin: Instant,
 ) -> Vec<tokio::task::JoinHandle<Stats>> {
     conns
@@ -811,7 +823,7 @@ async fn publisher_conns(
     args: &BenchArgs,
     queues: &[String],
     n: usize,
-) -> anyhow::Result<Vec<(Conn, String)>> {
+) -> anyhow::Result<Vec<(Sender, String)>> {
     let mut out = Vec::with_capacity(n);
     match target {
         Target::Grpc { seed } => {
@@ -832,7 +844,9 @@ async fn publisher_conns(
                 let qi = i % queues.len();
                 let chs = &channels[&url_of[qi]];
                 out.push((
-                    Conn::Grpc(QueueServiceClient::new(chs[i % chs.len()].clone())),
+                    Sender::Queue(Conn::Grpc(QueueServiceClient::new(
+                        chs[i % chs.len()].clone(),
+                    ))),
                     queues[qi].clone(),
                 ));
             }
@@ -840,7 +854,7 @@ async fn publisher_conns(
         Target::Http { .. } => {
             for i in 0..n {
                 let q = &queues[i % queues.len()];
-                out.push((target.conn_for(q).await?, q.clone()));
+                out.push((Sender::Queue(target.conn_for(q).await?), q.clone()));
             }
         }
     }

@@ -1,6 +1,6 @@
 //! `meridian topic …`, `meridian subscription …` and `meridian publish` over the gRPC topic API.
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use meridian_api::pb::topic_service_client::TopicServiceClient;
 use meridian_api::pb::*;
 use tonic::transport::Channel;
@@ -47,6 +47,24 @@ pub enum TopicCmd {
     Delete { name: String },
 }
 
+/// A subscription's delivery settings, for `create` and `set`.
+#[derive(Args)]
+pub struct SubscriptionOptions {
+    /// BACKOFF_RETRY or EXPONENTIAL_DECAY_RETRY (default).
+    #[arg(long)]
+    pub notify_strategy: Option<String>,
+    /// JSON (default for http) or SIMPLIFIED (the only format for queues).
+    #[arg(long)]
+    pub notify_content_format: Option<String>,
+    /// Receive only messages carrying one of these tags (repeatable; tag topics).
+    #[arg(long = "filter-tag")]
+    pub filter_tags: Vec<String>,
+    /// Receive messages whose routing key matches (repeatable; `*` one word, `#` one or
+    /// more; routing-key topics).
+    #[arg(long = "binding-key")]
+    pub binding_keys: Vec<String>,
+}
+
 #[derive(Subcommand)]
 pub enum SubscriptionCmd {
     /// Subscribe a queue or an HTTP(S) endpoint to a topic; prints the subscription id.
@@ -60,19 +78,8 @@ pub enum SubscriptionCmd {
         /// `queue` or `http`.
         #[arg(long)]
         protocol: String,
-        /// BACKOFF_RETRY or EXPONENTIAL_DECAY_RETRY (default).
-        #[arg(long)]
-        notify_strategy: Option<String>,
-        /// JSON (default for http) or SIMPLIFIED (the only format for queues).
-        #[arg(long)]
-        notify_content_format: Option<String>,
-        /// Receive only messages carrying one of these tags (repeatable; tag topics).
-        #[arg(long = "filter-tag")]
-        filter_tags: Vec<String>,
-        /// Receive messages whose routing key matches (repeatable; `*` one word, `#` one or
-        /// more; routing-key topics).
-        #[arg(long = "binding-key")]
-        binding_keys: Vec<String>,
+        #[command(flatten)]
+        options: SubscriptionOptions,
     },
     /// List a topic's subscriptions; prints `<name> <protocol> <endpoint>` per subscription.
     List {
@@ -91,16 +98,9 @@ pub enum SubscriptionCmd {
     Set {
         topic: String,
         name: String,
-        #[arg(long)]
-        notify_strategy: Option<String>,
-        #[arg(long)]
-        notify_content_format: Option<String>,
-        /// Replace the filter tags (repeatable).
-        #[arg(long = "filter-tag")]
-        filter_tags: Vec<String>,
-        /// Replace the binding keys (repeatable).
-        #[arg(long = "binding-key")]
-        binding_keys: Vec<String>,
+        /// Filter tags and binding keys given replace the current ones.
+        #[command(flatten)]
+        options: SubscriptionOptions,
     },
     /// Remove all filter tags (the subscription then receives every message).
     ClearTags { topic: String, name: String },
@@ -203,10 +203,7 @@ pub async fn subscription(cmd: SubscriptionCmd, ep: &Endpoint) -> anyhow::Result
             name,
             target,
             protocol,
-            notify_strategy,
-            notify_content_format,
-            filter_tags,
-            binding_keys,
+            options: o,
         } => {
             let r = c
                 .subscribe(SubscribeRequest {
@@ -214,10 +211,10 @@ pub async fn subscription(cmd: SubscriptionCmd, ep: &Endpoint) -> anyhow::Result
                     subscription_name: name,
                     protocol,
                     endpoint: target,
-                    notify_strategy,
-                    notify_content_format,
-                    filter_tag: filter_tags,
-                    binding_key: binding_keys,
+                    notify_strategy: o.notify_strategy,
+                    notify_content_format: o.notify_content_format,
+                    filter_tag: o.filter_tags,
+                    binding_key: o.binding_keys,
                 })
                 .await
                 .map_err(cmq)?;
@@ -258,21 +255,18 @@ pub async fn subscription(cmd: SubscriptionCmd, ep: &Endpoint) -> anyhow::Result
         SubscriptionCmd::Set {
             topic,
             name,
-            notify_strategy,
-            notify_content_format,
-            filter_tags,
-            binding_keys,
+            options: o,
         } => {
             let a = c
                 .set_subscription_attributes(SetSubscriptionAttributesRequest {
                     topic_name: topic,
                     subscription_name: name,
-                    notify_strategy,
-                    notify_content_format,
-                    set_filter_tag: !filter_tags.is_empty(),
-                    filter_tag: filter_tags,
-                    set_binding_key: !binding_keys.is_empty(),
-                    binding_key: binding_keys,
+                    notify_strategy: o.notify_strategy,
+                    notify_content_format: o.notify_content_format,
+                    set_filter_tag: !o.filter_tags.is_empty(),
+                    filter_tag: o.filter_tags,
+                    set_binding_key: !o.binding_keys.is_empty(),
+                    binding_key: o.binding_keys,
                 })
                 .await
                 .map_err(cmq)?

@@ -39,6 +39,20 @@ impl GroupState {
             .ok_or_else(|| topic_not_found(&key.name))
     }
 
+    /// A topic and one of its subscriptions (names are case-insensitive).
+    pub fn subscription(
+        &self,
+        key: &QueueKey,
+        name: &str,
+    ) -> Result<(&Topic, &Subscription), CmqError> {
+        let t = self.topic(key)?;
+        let s = t
+            .subscriptions
+            .get(&name.to_ascii_lowercase())
+            .ok_or_else(|| subscription_not_found(name))?;
+        Ok((t, s))
+    }
+
     pub(crate) fn topic_mut(&mut self, key: &QueueKey) -> Result<&mut Topic, CmqError> {
         self.topics
             .get_mut(key)
@@ -125,7 +139,7 @@ impl GroupState {
         for b in bodies {
             meridian_api::limits::validate_body(b, t.max_msg_size)?;
         }
-        let matched: Vec<(String, Protocol, String)> = t
+        let matched: Vec<&String> = t
             .subscriptions
             .iter()
             .filter(|(_, s)| match t.filter_type {
@@ -134,7 +148,7 @@ impl GroupState {
                     topics::routing_matches(&s.spec.binding_keys, routing_key)
                 }
             })
-            .map(|(n, s)| (n.clone(), s.spec.protocol, s.spec.endpoint.clone()))
+            .map(|(n, _)| n)
             .collect();
         if matched.is_empty() && reject_unmatched {
             let (module, why) = if t.subscriptions.is_empty() {
@@ -147,42 +161,34 @@ impl GroupState {
             };
             return Err(CmqError::new(CmqCode::NoSubscriptionMatched, module, why));
         }
+        let queues: Vec<QueueKey> = matched
+            .iter()
+            .map(|n| &t.subscriptions[*n].spec)
+            .filter(|s| s.protocol == Protocol::Queue)
+            .map(|s| QueueKey::new(&key.tenant, &s.endpoint))
+            .collect();
+        let http_refs = (matched.len() - queues.len()) as u32;
+        let matched: Vec<String> = matched.into_iter().cloned().collect();
         let mut msg_ids = Vec::with_capacity(bodies.len());
         for body in bodies {
             let seq = self.next_seq;
             self.next_seq += 1;
             let msg_id = self.msg_id(seq);
-            let mut http_refs = 0;
-            for (sub, protocol, endpoint) in &matched {
-                match protocol {
-                    Protocol::Queue => self.route_to_queue(
-                        &QueueKey::new(&key.tenant, endpoint),
-                        body.clone(),
-                        now,
-                    ),
-                    Protocol::Http => {
-                        http_refs += 1;
-                        let t = self.topics.get_mut(key).expect("checked above");
-                        t.subscriptions
-                            .get_mut(sub)
-                            .expect("matched above")
-                            .schedule(
-                                seq,
-                                PushState {
-                                    attempts: 0,
-                                    next_attempt_ms: now,
-                                },
-                            );
-                    }
-                }
-                let t = self.topics.get_mut(key).expect("checked above");
-                t.subscriptions
-                    .get_mut(sub)
-                    .expect("matched above")
-                    .stats
-                    .routed += 1;
+            for q in &queues {
+                self.route_to_queue(q, body.clone(), now);
             }
             let t = self.topics.get_mut(key).expect("checked above");
+            for name in &matched {
+                let s = t.subscriptions.get_mut(name).expect("matched above");
+                s.stats.routed += 1;
+                if s.spec.protocol == Protocol::Http {
+                    let due = PushState {
+                        attempts: 0,
+                        next_attempt_ms: now,
+                    };
+                    s.schedule(seq, due);
+                }
+            }
             t.published += 1;
             if http_refs > 0 {
                 t.messages.insert(
