@@ -162,6 +162,10 @@ impl StorageEngine for FaultyStorage {
         }
     }
 
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
     fn metrics(&self) -> &StorageMetrics {
         self.inner.metrics()
     }

@@ -9,6 +9,7 @@ use meridian_api::limits::QueueAttributes;
 use meridian_api::raftpb::GroupMessage;
 use meridian_api::{CmqError, CmqResult};
 use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -22,7 +23,7 @@ use crate::placement::{group_of, META_GROUP};
 use crate::raft::network::{decode, encode, NetworkFactory};
 use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::state_machine::{SharedState, StateMachineStore};
-use crate::raft::{NodeId, Raft};
+use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::receipt::ReceiptSigner;
 use crate::storage::{Engine, LogStore, StorageEngine};
 use crate::topic::{SubscriptionView, TopicView};
@@ -181,6 +182,14 @@ enum ForwardError {
     Cmq(CmqError),
 }
 
+/// The node's I/O boundaries: where its bytes are stored, how it reaches its peers, what time
+/// it stamps on commands.
+pub struct Seams {
+    pub engine: Arc<dyn StorageEngine>,
+    pub transport: Arc<dyn Transport>,
+    pub clock: Arc<dyn Clock>,
+}
+
 pub struct RegionNode {
     pub id: NodeId,
     pub config: NodeConfig,
@@ -201,28 +210,45 @@ impl RegionNode {
     /// Opens storage and starts every group's Raft; does not serve the network yet.
     pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
         config.validate()?;
-        let push_tls = crate::push::tls_connector(&config.topics)
-            .map_err(|e| NodeError::Config(format!("[topics] push_ca_file: {e}")))?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             NodeError::Storage(format!("create {}: {e}", config.data_dir.display()))
         })?;
-        let mut engine: Arc<dyn StorageEngine> =
-            Arc::new(Engine::open(&config.data_dir.join("db"))?);
-        let mut transport: Arc<dyn Transport> = Arc::new(GrpcTransport::default());
-        let mut clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let mut seams = Seams {
+            engine: Arc::new(Engine::open(&config.data_dir.join("db"))?),
+            transport: Arc::new(GrpcTransport::default()),
+            clock: Arc::new(SystemClock),
+        };
         let faults = config.faults.enabled.then(|| Arc::new(Faults::default()));
         if let Some(f) = &faults {
             tracing::warn!("fault injection is enabled: this node is for testing only");
-            engine = FaultyStorage::new(engine, f.clone());
-            transport = Arc::new(FaultyTransport {
-                inner: transport,
+            seams.engine = FaultyStorage::new(seams.engine, f.clone());
+            seams.transport = Arc::new(FaultyTransport {
+                inner: seams.transport,
                 faults: f.clone(),
             });
-            clock = Arc::new(FaultyClock {
-                inner: clock,
+            seams.clock = Arc::new(FaultyClock {
+                inner: seams.clock,
                 faults: f.clone(),
             });
         }
+        Self::start_with(config, seams, faults).await
+    }
+
+    /// Starts every group's Raft on the given storage, transport and clock (a deterministic
+    /// simulation passes its own); does not serve the network yet.
+    pub async fn start_with(
+        config: NodeConfig,
+        seams: Seams,
+        faults: Option<Arc<Faults>>,
+    ) -> Result<Arc<Self>, NodeError> {
+        config.validate()?;
+        let push_tls = crate::push::tls_connector(&config.topics)
+            .map_err(|e| NodeError::Config(format!("[topics] push_ca_file: {e}")))?;
+        let Seams {
+            engine,
+            transport,
+            clock,
+        } = seams;
         let r = &config.raft;
         let raft_config = Arc::new(
             openraft::Config {
@@ -402,6 +428,39 @@ impl RegionNode {
             }
             Err(_) => Err(ForwardError::NotLeader),
         }
+    }
+
+    /// Answers one node-to-node RPC (what the transport's server side calls): a Raft message
+    /// for one of this node's groups, or a forwarded client request. The reply is encoded.
+    pub async fn serve_rpc(
+        &self,
+        kind: RpcKind,
+        msg: GroupMessage,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let raft = || {
+            self.groups
+                .get(msg.group as usize)
+                .map(|g| &g.raft)
+                .ok_or_else(|| {
+                    tonic::Status::not_found(format!("no raft group {} on this node", msg.group))
+                })
+        };
+        let bad = tonic::Status::invalid_argument;
+        Ok(match kind {
+            RpcKind::Append => {
+                let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad)?;
+                encode(&raft()?.append_entries(rpc).await)
+            }
+            RpcKind::Vote => {
+                let rpc: VoteRequest<NodeId> = decode(&msg.payload).map_err(bad)?;
+                encode(&raft()?.vote(rpc).await)
+            }
+            RpcKind::Snapshot => {
+                let rpc: InstallSnapshotRequest<TypeConfig> = decode(&msg.payload).map_err(bad)?;
+                encode(&raft()?.install_snapshot(rpc).await)
+            }
+            RpcKind::Forward => self.handle_forward(msg.group, &msg.payload).await,
+        })
     }
 
     /// Executes a request forwarded by another node; the reply is an encoded result.
@@ -725,6 +784,9 @@ impl RegionNode {
     pub async fn shutdown(&self) {
         for g in &self.groups {
             let _ = g.raft.shutdown().await;
+        }
+        if let Err(e) = self.engine.flush() {
+            tracing::warn!("flush at shutdown: {e}");
         }
     }
 }

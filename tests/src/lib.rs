@@ -3,6 +3,7 @@
 //! Jepsen-style queue checker with its nemeses ([`chaos`]).
 
 pub mod chaos;
+pub mod sim;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -69,6 +69,23 @@ async fn lossy_network() {
 /// the others, and nothing acknowledged is lost or diverges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_wal_stops_the_node_which_then_resyncs() {
+    corrupted_file_stops_the_node_which_then_resyncs(Damaged::Wal).await;
+}
+
+/// The same for a table (SST) file, written by the flush of a clean shutdown: the start-up
+/// checksum scan finds the damage before any of it is read as log or state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_table_file_stops_the_node_which_then_resyncs() {
+    corrupted_file_stops_the_node_which_then_resyncs(Damaged::Table).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Damaged {
+    Wal,
+    Table,
+}
+
+async fn corrupted_file_stops_the_node_which_then_resyncs(damaged: Damaged) {
     use meridian_api::pb::*;
     use meridian_region_node::command::QueueKey;
     use meridian_region_node::placement::group_of;
@@ -99,28 +116,40 @@ async fn corrupted_wal_stops_the_node_which_then_resyncs() {
     let group = group_of(&QueueKey::new("0", "ledger"), 2);
     let leader = region.leader_of(group).await;
     let victim = (1..=3).find(|&id| id != leader).unwrap();
-    region.kill(victim);
+    if damaged == Damaged::Table {
+        // A clean stop flushes memtables into table files.
+        region.signal(victim, libc::SIGTERM);
+        let mut child = region.nodes[victim as usize - 1].child.take().unwrap();
+        assert!(child.wait().unwrap().success(), "clean stop failed");
+    } else {
+        region.kill(victim);
+    }
     let node_dir = region.nodes[victim as usize - 1]
         .config_path
         .parent()
         .unwrap()
         .to_path_buf();
     let db = node_dir.join("data/db");
-    let wal = std::fs::read_dir(&db)
+    let ext = match damaged {
+        Damaged::Wal => "log",
+        Damaged::Table => "sst",
+    };
+    let file = std::fs::read_dir(&db)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
         .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .expect("a WAL file");
-    let mut bytes = std::fs::read(&wal).unwrap();
+        .unwrap_or_else(|| panic!("no .{ext} file in {}", db.display()));
+    let mut bytes = std::fs::read(&file).unwrap();
     assert!(
         bytes.len() > 1000,
-        "WAL too small to corrupt: {}",
+        "{} too small to corrupt: {}",
+        file.display(),
         bytes.len()
     );
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
-    std::fs::write(&wal, bytes).unwrap();
+    std::fs::write(&file, bytes).unwrap();
 
     region.spawn(victim);
     let mut exit = None;
@@ -132,7 +161,7 @@ async fn corrupted_wal_stops_the_node_which_then_resyncs() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let exit = exit.expect("the node with a corrupted WAL kept running");
+    let exit = exit.expect("the node with a corrupted file kept running");
     assert!(!exit.success());
     region.nodes[victim as usize - 1].child = None;
     let log = std::fs::read_to_string(node_dir.join("node.log")).unwrap();

@@ -2,6 +2,7 @@
 
 pub mod network;
 pub mod proposer;
+pub mod runtime;
 pub mod state_machine;
 
 use std::io::Cursor;
@@ -19,7 +20,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = runtime::MeridianRuntime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,218 @@
+//! A node's disk in memory, with a page cache that a crash empties.
+//!
+//! Writes are visible at once (like RocksDB's memtable) but only *durable* once a sync covers
+//! them: a synchronous write syncs everything written before it, and group-commit jobs are
+//! synced together by one delayed "fsync" task on the node's runtime, after which their
+//! completions run (so openraft hears "durable" only then). When the simulation crashes the
+//! host, that task dies with it and [`MemoryEngine::recover`] at the next boot drops every
+//! unsynced write: exactly what a power cut does to a real node.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meridian_region_node::storage::{LogJob, LogOp, StorageEngine, StorageMetrics};
+
+type Key = (&'static str, Vec<u8>);
+type Table = BTreeMap<Key, Vec<u8>>;
+
+#[derive(Default)]
+struct Disk {
+    /// What survives a crash.
+    durable: Table,
+    /// What reads see: durable plus the page cache.
+    visible: Table,
+    /// Writes not yet synced, in order (replayed onto `durable` by the next sync).
+    unsynced: Vec<LogOp>,
+    /// Completions waiting for the next group-commit sync.
+    waiting: Vec<Box<dyn FnOnce(io::Result<()>) + Send>>,
+    sync_scheduled: bool,
+    /// Bumped by every boot, so an old boot's sync task cannot complete a new boot's jobs.
+    boot: u64,
+}
+
+fn apply(table: &mut Table, op: &LogOp) {
+    match op {
+        LogOp::Put { cf, key, value } => {
+            table.insert((cf, key.clone()), value.clone());
+        }
+        LogOp::DeleteRange { cf, from, to } => {
+            let doomed: Vec<Key> = table
+                .range((
+                    Bound::Included((*cf, from.clone())),
+                    Bound::Excluded((*cf, to.clone())),
+                ))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in doomed {
+                table.remove(&k);
+            }
+        }
+    }
+}
+
+impl Disk {
+    fn write(&mut self, ops: Vec<LogOp>) {
+        for op in &ops {
+            apply(&mut self.visible, op);
+        }
+        self.unsynced.extend(ops);
+    }
+
+    fn sync(&mut self) {
+        for op in std::mem::take(&mut self.unsynced) {
+            apply(&mut self.durable, &op);
+        }
+    }
+}
+
+/// How long one simulated fsync takes, as a function of the simulation's seeded RNG.
+pub type FsyncLatency = Arc<dyn Fn() -> Duration + Send + Sync>;
+
+pub struct MemoryEngine {
+    disk: Mutex<Disk>,
+    fsync_latency: FsyncLatency,
+    metrics: StorageMetrics,
+    /// A broken disk for the checker's own test: group-commit jobs are reported durable as
+    /// soon as they are written; the sync comes later (what a lazy-fsync broker does).
+    pub acks_before_sync: bool,
+}
+
+impl MemoryEngine {
+    pub fn new(fsync_latency: FsyncLatency, acks_before_sync: bool) -> Arc<Self> {
+        Arc::new(Self {
+            disk: Mutex::default(),
+            fsync_latency,
+            metrics: StorageMetrics::default(),
+            acks_before_sync,
+        })
+    }
+
+    /// A boot after a crash: everything not synced is gone, and so are pending completions.
+    pub fn recover(&self) {
+        let mut d = self.disk.lock().unwrap();
+        d.visible = d.durable.clone();
+        d.unsynced.clear();
+        d.waiting.clear();
+        d.sync_scheduled = false;
+        d.boot += 1;
+    }
+
+    /// Entries of `cf` with keys in `[from, to)` as reads see them now.
+    pub fn visible_range(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let d = self.disk.lock().unwrap();
+        d.visible
+            .range((
+                Bound::Included((cf, from.to_vec())),
+                Bound::Excluded((cf, to.to_vec())),
+            ))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn schedule_sync(self: &Arc<Self>) {
+        let boot = {
+            let mut d = self.disk.lock().unwrap();
+            if d.sync_scheduled {
+                return;
+            }
+            d.sync_scheduled = true;
+            d.boot
+        };
+        let engine = self.clone();
+        let latency = (self.fsync_latency)();
+        tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            let dones = {
+                let mut d = engine.disk.lock().unwrap();
+                if d.boot != boot {
+                    return;
+                }
+                d.sync();
+                d.sync_scheduled = false;
+                std::mem::take(&mut d.waiting)
+            };
+            engine
+                .metrics
+                .wal_syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for done in dones {
+                done(Ok(()));
+            }
+        });
+    }
+}
+
+/// The engine behind an `Arc`, as `StorageEngine` needs `submit` to reach the runtime.
+pub struct SharedMemoryEngine(pub Arc<MemoryEngine>);
+
+impl StorageEngine for SharedMemoryEngine {
+    fn get(&self, cf: &'static str, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let d = self.0.disk.lock().unwrap();
+        Ok(d.visible.get(&(cf, key.to_vec())).cloned())
+    }
+
+    fn scan(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self.0.visible_range(cf, from, to))
+    }
+
+    fn last_in(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let d = self.0.disk.lock().unwrap();
+        Ok(d.visible
+            .range((
+                Bound::Included((cf, from.to_vec())),
+                Bound::Excluded((cf, to.to_vec())),
+            ))
+            .next_back()
+            .map(|((_, k), v)| (k.clone(), v.clone())))
+    }
+
+    fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
+        let mut d = self.0.disk.lock().unwrap();
+        d.write(ops);
+        if sync {
+            // A synchronous write blocks its caller for the fsync; in simulated time that is
+            // instantaneous, which only makes votes and snapshots durable sooner.
+            d.sync();
+        }
+        Ok(())
+    }
+
+    fn submit(&self, job: LogJob) {
+        let early = {
+            let mut d = self.0.disk.lock().unwrap();
+            d.write(job.ops);
+            if self.0.acks_before_sync {
+                Some(job.done)
+            } else {
+                d.waiting.push(job.done);
+                None
+            }
+        };
+        self.0.schedule_sync();
+        if let Some(done) = early {
+            done(Ok(()));
+        }
+    }
+
+    fn metrics(&self) -> &StorageMetrics {
+        &self.0.metrics
+    }
+}

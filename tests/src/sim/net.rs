@@ -1,0 +1,283 @@
+//! The simulated network: turmoil TCP between hosts, one length-prefixed bincode request and
+//! reply per connection. Nodes reach each other through [`SimTransport`] (the node's real
+//! `Transport` seam) and clients reach nodes with [`call`]; both pass through turmoil's links,
+//! so its partitions, holds and latencies apply, and the transport adds seeded message loss.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_api::limits::QueueAttributesPatch;
+use meridian_api::raftpb::GroupMessage;
+use meridian_region_node::node::RegionNode;
+use meridian_region_node::ops::QueueOps;
+use meridian_region_node::raft::NodeId;
+use meridian_region_node::transport::{RpcKind, Transport};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use turmoil::net::{TcpListener, TcpStream};
+
+use super::rng::chance_per_mille;
+
+pub const PORT: u16 = 9000;
+pub const TENANT: &str = "sim";
+
+pub fn host_name(id: NodeId) -> String {
+    format!("node{id}")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Rpc {
+        kind: u8,
+        group: u32,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    Client(ClientOp),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    /// The encoded reply, or a gRPC-like status code and message.
+    Rpc(Result<serde_bytes::ByteBuf, (i32, String)>),
+    Client(ClientReply),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ClientOp {
+    CreateQueue { queue: String, visibility_s: u32 },
+    Send { queue: String, body: Vec<u8> },
+    Receive { queue: String, max: u32 },
+    Delete { queue: String, handles: Vec<String> },
+    View { queue: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SimMessage {
+    pub msg_id: String,
+    pub body: Vec<u8>,
+    pub handle: String,
+    pub next_visible_s: i64,
+    pub dequeue_count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ClientReply {
+    Created,
+    Sent(String),
+    Received(Vec<SimMessage>),
+    /// Per handle: `None` deleted, `Some(code)` not.
+    Deleted(Vec<Option<u32>>),
+    View {
+        active: u64,
+        inactive: u64,
+        delayed: u64,
+    },
+    Failed {
+        code: u32,
+        message: String,
+    },
+}
+
+fn kind_code(k: RpcKind) -> u8 {
+    match k {
+        RpcKind::Append => 0,
+        RpcKind::Vote => 1,
+        RpcKind::Snapshot => 2,
+        RpcKind::Forward => 3,
+    }
+}
+
+fn kind_of(c: u8) -> Option<RpcKind> {
+    Some(match c {
+        0 => RpcKind::Append,
+        1 => RpcKind::Vote,
+        2 => RpcKind::Snapshot,
+        3 => RpcKind::Forward,
+        _ => return None,
+    })
+}
+
+async fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    s.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    s.write_all(bytes).await?;
+    s.flush().await
+}
+
+async fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await?;
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Sends one request to `host` and waits up to `timeout` for its reply.
+pub async fn call(host: &str, req: &Request, timeout: Duration) -> Result<Reply, String> {
+    let exchange = async {
+        let mut s = TcpStream::connect((host, PORT))
+            .await
+            .map_err(|e| format!("connect {host}: {e}"))?;
+        let bytes = bincode::serialize(req).map_err(|e| e.to_string())?;
+        write_frame(&mut s, &bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = read_frame(&mut s).await.map_err(|e| e.to_string())?;
+        bincode::deserialize(&reply).map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{host}: no reply within {timeout:?}")),
+    }
+}
+
+/// Seeded loss of node-to-node messages, in ‰ of requests and of replies.
+#[derive(Default)]
+pub struct NetFaults {
+    pub drop_per_mille: AtomicU32,
+}
+
+/// The node's transport seam in the simulation.
+pub struct SimTransport {
+    pub faults: Arc<NetFaults>,
+}
+
+#[tonic::async_trait]
+impl Transport for SimTransport {
+    async fn call(
+        &self,
+        target: NodeId,
+        _addr: &str,
+        kind: RpcKind,
+        msg: GroupMessage,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        // Every failure looks like a black hole (a timeout), never like a refused connection:
+        // openraft backs off after "unreachable" in an unbiased `tokio::select!`, whose branch
+        // choice tokio draws from an RNG that cannot be seeded without `tokio_unstable`.
+        let lost =
+            |what: &str| tonic::Status::deadline_exceeded(format!("{what} to node {target}"));
+        let timeout = timeout.min(Duration::from_secs(12));
+        let per_mille = self.faults.drop_per_mille.load(Ordering::Relaxed);
+        if chance_per_mille(per_mille) {
+            tokio::time::sleep(timeout).await;
+            return Err(lost("request lost"));
+        }
+        let started = tokio::time::Instant::now();
+        let req = Request::Rpc {
+            kind: kind_code(kind),
+            group: msg.group,
+            payload: msg.payload,
+        };
+        let reply = call(&host_name(target), &req, timeout).await;
+        let reply_lost = chance_per_mille(per_mille);
+        match reply {
+            Ok(Reply::Rpc(Ok(payload))) if !reply_lost => Ok(payload.into_vec()),
+            Ok(Reply::Rpc(Ok(_))) => {
+                tokio::time::sleep_until(started + timeout).await;
+                Err(lost("reply lost"))
+            }
+            Ok(Reply::Rpc(Err((code, message)))) => Err(tonic::Status::new(code.into(), message)),
+            Ok(Reply::Client(_)) => Err(tonic::Status::internal("client reply to an rpc")),
+            Err(e) => {
+                tokio::time::sleep_until(started + timeout).await;
+                Err(lost(&e))
+            }
+        }
+    }
+}
+
+/// Serves node-to-node RPCs and client operations on this host until the host crashes.
+pub async fn serve(node: Arc<RegionNode>) -> turmoil::Result {
+    let listener = TcpListener::bind(("0.0.0.0", PORT)).await?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let node = node.clone();
+        tokio::spawn(async move {
+            let Ok(frame) = read_frame(&mut s).await else {
+                return;
+            };
+            let reply = match bincode::deserialize::<Request>(&frame) {
+                Ok(Request::Rpc {
+                    kind,
+                    group,
+                    payload,
+                }) => match kind_of(kind) {
+                    Some(kind) => Reply::Rpc(
+                        node.serve_rpc(kind, GroupMessage { group, payload })
+                            .await
+                            .map(serde_bytes::ByteBuf::from)
+                            .map_err(|s| (s.code() as i32, s.message().to_string())),
+                    ),
+                    None => Reply::Rpc(Err((3, format!("unknown rpc kind {kind}")))),
+                },
+                Ok(Request::Client(op)) => Reply::Client(client_op(&node, op).await),
+                Err(e) => Reply::Rpc(Err((3, format!("undecodable request: {e}")))),
+            };
+            if let Ok(bytes) = bincode::serialize(&reply) {
+                let _ = write_frame(&mut s, &bytes).await;
+            }
+        });
+    }
+}
+
+async fn client_op(node: &Arc<RegionNode>, op: ClientOp) -> ClientReply {
+    let ops = QueueOps::new(node.clone());
+    let failed = |e: meridian_api::CmqError| ClientReply::Failed {
+        code: e.code as u32,
+        message: e.message.clone(),
+    };
+    match op {
+        ClientOp::CreateQueue {
+            queue,
+            visibility_s,
+        } => {
+            let patch = QueueAttributesPatch {
+                visibility_timeout: Some(visibility_s),
+                ..Default::default()
+            };
+            match ops.create(TENANT, &queue, &patch).await {
+                Ok(_) => ClientReply::Created,
+                Err(e) => failed(e),
+            }
+        }
+        ClientOp::Send { queue, body } => match ops.send(TENANT, &queue, vec![body], 0).await {
+            Ok(mut ids) => ClientReply::Sent(ids.remove(0)),
+            Err(e) => failed(e),
+        },
+        ClientOp::Receive { queue, max } => match ops.receive(TENANT, &queue, max, Some(0)).await {
+            Ok(msgs) => ClientReply::Received(
+                msgs.into_iter()
+                    .map(|m| SimMessage {
+                        msg_id: m.msg_id,
+                        body: m.body,
+                        handle: m.receipt_handle,
+                        next_visible_s: m.next_visible_time,
+                        dequeue_count: m.dequeue_count,
+                    })
+                    .collect(),
+            ),
+            Err(e) => failed(e),
+        },
+        ClientOp::Delete { queue, handles } => {
+            match ops.delete_messages(TENANT, &queue, &handles).await {
+                Ok(outcomes) => ClientReply::Deleted(
+                    outcomes
+                        .into_iter()
+                        .map(|o| o.map(|e| e.code as u32))
+                        .collect(),
+                ),
+                Err(e) => failed(e),
+            }
+        }
+        ClientOp::View { queue } => match ops.get(TENANT, &queue).await {
+            Ok(v) => ClientReply::View {
+                active: v.active,
+                inactive: v.inactive,
+                delayed: v.delayed,
+            },
+            Err(e) => failed(e),
+        },
+    }
+}
