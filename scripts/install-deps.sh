@@ -7,6 +7,12 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 dpkg -s clang >/dev/null 2>&1 || need+=(clang)
 # The SDK compatibility tests create a virtualenv; Debian's own python3 needs python3-venv.
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# Partition tests put nodes in network namespaces (ip) and cut links with nftables (nft) when
+# run as root; without them (or root) they fall back to the nodes' transport seam.
+if [ "$(id -u)" -eq 0 ]; then
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v nft >/dev/null 2>&1 || need+=(nftables)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing system packages: ${need[*]}" >&2
   SUDO=""

@@ -23,7 +23,7 @@ use meridian_api::pb::fault_service_client::FaultServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::*;
 use meridian_region_node::command::QueueKey;
-use meridian_region_node::config::RaftConfig;
+use meridian_region_node::config::{FaultsConfig, RaftConfig};
 use meridian_region_node::placement::group_of;
 use rand::Rng;
 use tokio::time::Instant;
@@ -310,9 +310,21 @@ async fn set_faults(region: &Region, id: u64, spec: FaultSpec) {
     panic!("could not set faults on node {id}");
 }
 
-/// Cuts `victim` off from every other node (both directions), or heals everything.
+/// Cuts `victim` off from every other node (both directions), or heals everything: with
+/// nftables in the victim's namespace when the region runs in namespaces, else through the
+/// nodes' transport seam. Clients still reach every node either way.
 async fn partition(region: &Region, victim: Option<u64>) {
     let ids: Vec<u64> = region.nodes.iter().map(|n| n.id).collect();
+    if let Some(lab) = &region.netns {
+        for &id in &ids {
+            lab.heal(id).expect("heal partition");
+        }
+        if let Some(v) = victim {
+            let peers: Vec<u64> = ids.iter().copied().filter(|&o| o != v).collect();
+            lab.cut(v, &peers).expect("partition");
+        }
+        return;
+    }
     for &id in &ids {
         let blocked_peers = match victim {
             Some(v) if v == id => ids.iter().copied().filter(|&o| o != v).collect(),
@@ -578,7 +590,28 @@ pub async fn run(cfg: ChaosConfig) -> Report {
         logs_kept_after_snapshot: 100,
         ..Default::default()
     };
-    let mut region = Region::start_full(3, 2, raft, true).await;
+    // Partitions cut the real network when this machine allows it (root: namespaces and
+    // nftables); otherwise they go through the nodes' transport seam.
+    let partitions = matches!(
+        cfg.nemesis,
+        Nemesis::PartitionMinority | Nemesis::IsolateLeader | Nemesis::Flapping
+    );
+    let lab = if partitions && crate::netns::available() {
+        Some(crate::netns::Lab::create(3).expect("network namespaces"))
+    } else {
+        None
+    };
+    let via = if lab.is_some() { " (netns)" } else { "" };
+    let mut region = Region::start_networked(
+        3,
+        2,
+        |c| {
+            c.raft = raft.clone();
+            c.faults = FaultsConfig { enabled: true };
+        },
+        lab,
+    )
+    .await;
     let queues: Vec<String> = (0..cfg.queues).map(|i| format!("chaos-{i}")).collect();
     let mut admin = region.client(1).await;
     for q in &queues {
@@ -616,15 +649,15 @@ pub async fn run(cfg: ChaosConfig) -> Report {
     region.wait_ready(Duration::from_secs(60)).await;
     drain(&region, &queues, &history).await;
     let mut report = Report {
-        nemesis: cfg.nemesis.name().into(),
+        nemesis: format!("{}{via}", cfg.nemesis.name()),
         seconds: cfg.duration.as_secs(),
         ..Default::default()
     };
     check(&history.lock().unwrap(), &mut report);
     report.divergent = divergence(&region).await;
     if !report.ok() {
-        // Keep the region's logs for inspection.
-        std::mem::forget(region);
+        // Nodes are stopped and namespaces removed as usual; the logs stay.
+        region.keep_logs();
     }
     report
 }

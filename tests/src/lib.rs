@@ -3,6 +3,7 @@
 //! Jepsen-style queue checker with its nemeses ([`chaos`]).
 
 pub mod chaos;
+pub mod netns;
 pub mod sim;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +62,9 @@ pub struct Region {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeProc>,
     pub data_groups: u32,
+    /// Set when every node runs in its own network namespace (see [`netns`]); dropped after
+    /// the nodes are stopped.
+    pub netns: Option<netns::Lab>,
 }
 
 impl Region {
@@ -89,20 +93,36 @@ impl Region {
         data_groups: u32,
         adjust: impl Fn(&mut NodeConfig),
     ) -> Region {
+        Self::start_networked(n, data_groups, adjust, None).await
+    }
+
+    /// Like [`Region::start_configured`], each node in its own network namespace of `lab`
+    /// (so tests can partition the real network), or on loopback when `lab` is `None`.
+    pub async fn start_networked(
+        n: u64,
+        data_groups: u32,
+        adjust: impl Fn(&mut NodeConfig),
+        lab: Option<netns::Lab>,
+    ) -> Region {
         let dir = tempfile::Builder::new()
             .prefix("meridian-e2e-")
             .tempdir()
             .unwrap();
         let secret: [u8; 32] = rand::random();
+        // In a namespace of its own every node has its own address, so fixed ports do.
+        let addr = |id: u64, port: u16| match &lab {
+            Some(lab) => format!("{}:{port}", lab.addr(id)),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         let members: Vec<MemberConfig> = (1..=n)
             .map(|id| MemberConfig {
                 id,
-                addr: format!("127.0.0.1:{}", free_port()),
+                addr: addr(id, 7000),
             })
             .collect();
         let mut nodes = Vec::new();
         for m in &members {
-            let http_addr = format!("127.0.0.1:{}", free_port());
+            let http_addr = addr(m.id, 7001);
             let node_dir = dir.path().join(format!("node{}", m.id));
             std::fs::create_dir_all(&node_dir).unwrap();
             let mut cfg = NodeConfig {
@@ -136,6 +156,7 @@ impl Region {
             dir,
             nodes,
             data_groups,
+            netns: lab,
         };
         for id in 1..=n {
             region.spawn(id);
@@ -149,6 +170,10 @@ impl Region {
     }
 
     pub fn spawn(&mut self, id: u64) {
+        let mut command = match &self.netns {
+            Some(lab) => lab.command(id, &meridian_bin()),
+            None => Command::new(meridian_bin()),
+        };
         let n = self.node(id);
         let log = n.config_path.with_file_name("node.log");
         let log = std::fs::OpenOptions::new()
@@ -156,7 +181,8 @@ impl Region {
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(meridian_bin())
+        // `ip netns exec` execs the node, so the child's pid is the node's.
+        let child = command
             .arg("node")
             .arg("--config")
             .arg(&n.config_path)
@@ -383,14 +409,20 @@ impl Drop for Region {
             }
         }
         if std::thread::panicking() {
-            // Keep the logs of a failed run for inspection.
-            let path = self.dir.path().to_path_buf();
-            eprintln!("region data and logs kept at {}", path.display());
-            std::mem::forget(std::mem::replace(
-                &mut self.dir,
-                tempfile::tempdir().unwrap(),
-            ));
+            self.keep_logs();
         }
+    }
+}
+
+impl Region {
+    /// Keeps the region's data and logs on disk after it is dropped, for inspection.
+    pub fn keep_logs(&mut self) {
+        let path = self.dir.path().to_path_buf();
+        eprintln!("region data and logs kept at {}", path.display());
+        std::mem::forget(std::mem::replace(
+            &mut self.dir,
+            tempfile::tempdir().unwrap(),
+        ));
     }
 }
 
