@@ -25,6 +25,7 @@ use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::receipt::ReceiptSigner;
+use crate::replay::NonceCheck;
 use crate::storage::{Engine, LogStore, StorageEngine};
 use crate::topic::{SubscriptionView, TopicView};
 use crate::transport::{GrpcTransport, RpcKind, Transport};
@@ -86,12 +87,11 @@ pub enum GroupRequest {
     GetCredential {
         secret_id: String,
     },
-    /// Metadata leader only: accept a signed request's nonce once (no Raft write).
-    CheckNonce {
-        secret_id: String,
-        nonce: String,
-        now_s: i64,
-        window_s: i64,
+    /// `request`, executed only if the leader has not seen its signed request's nonce
+    /// (replay protection, see `replay`).
+    Guarded {
+        nonce: NonceCheck,
+        request: Box<GroupRequest>,
     },
 }
 
@@ -122,6 +122,7 @@ impl GroupRequest {
     /// The longest this request may legitimately take on the leader.
     fn max_wait(&self) -> Duration {
         match self {
+            GroupRequest::Guarded { request, .. } => request.max_wait(),
             GroupRequest::Receive { wait_ms, .. } => Duration::from_millis(
                 wait_ms.unwrap_or(u64::from(meridian_api::limits::MAX_POLLING_WAIT_SECONDS) * 1000),
             ),
@@ -373,6 +374,14 @@ impl RegionNode {
 
     /// Runs `req` on the leader of `group`, wherever it is.
     pub async fn execute(&self, group: u32, req: GroupRequest) -> CmqResult<GroupReply> {
+        // The first execution of a signed HTTP request carries its nonce to the leader.
+        let req = match crate::replay::take_pending() {
+            Some(nonce) => GroupRequest::Guarded {
+                nonce,
+                request: Box::new(req),
+            },
+            None => req,
+        };
         let deadline = Instant::now() + LEADER_WAIT + req.max_wait();
         let g = self.group(group)?;
         loop {
@@ -480,6 +489,38 @@ impl RegionNode {
         g: &Group,
         req: &GroupRequest,
     ) -> Result<GroupReply, ForwardError> {
+        let GroupRequest::Guarded { nonce: n, request } = req else {
+            return self.execute_unguarded(g, req).await;
+        };
+        // Only the leader's cache counts: a stale leader must not accept a nonce the current
+        // one has seen.
+        if g.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(ForwardError::NotLeader);
+        }
+        if !self
+            .nonces
+            .insert(&n.secret_id, &n.nonce, n.now_s, n.window_s)
+        {
+            return Err(ForwardError::Cmq(CmqError::new(
+                meridian_api::CmqCode::AuthFailed,
+                10030,
+                "Nonce already used (replayed request)",
+            )));
+        }
+        let result = self.execute_unguarded(g, request).await;
+        if matches!(result, Err(ForwardError::NotLeader)) {
+            // Nothing happened and the request will be retried on the new leader: the nonce
+            // was not used.
+            self.nonces.remove(&n.secret_id, &n.nonce);
+        }
+        result
+    }
+
+    async fn execute_unguarded(
+        &self,
+        g: &Group,
+        req: &GroupRequest,
+    ) -> Result<GroupReply, ForwardError> {
         match req {
             GroupRequest::Write(op) => self.propose(g, op.clone()).await.map(GroupReply::Op),
             GroupRequest::Receive { key, max, wait_ms } => {
@@ -494,25 +535,6 @@ impl RegionNode {
                 self.receive_local(g, key, *max, wait_ms)
                     .await
                     .map(GroupReply::Op)
-            }
-            GroupRequest::CheckNonce {
-                secret_id,
-                nonce,
-                now_s,
-                window_s,
-            } => {
-                if g.raft.metrics().borrow().state != ServerState::Leader {
-                    return Err(ForwardError::NotLeader);
-                }
-                if self.nonces.insert(secret_id, nonce, *now_s, *window_s) {
-                    Ok(GroupReply::Op(OpResult::Done))
-                } else {
-                    Err(ForwardError::Cmq(CmqError::new(
-                        meridian_api::CmqCode::AuthFailed,
-                        10030,
-                        "Nonce already used (replayed request)",
-                    )))
-                }
             }
             read => {
                 self.linearize(g).await?;
@@ -584,7 +606,7 @@ impl RegionNode {
                     ),
                     GroupRequest::Write(_)
                     | GroupRequest::Receive { .. }
-                    | GroupRequest::CheckNonce { .. } => unreachable!(),
+                    | GroupRequest::Guarded { .. } => unreachable!(),
                 })
             }
         }

@@ -1,11 +1,42 @@
 //! Replay protection for signed HTTP requests: each (SecretId, Nonce) is accepted once within
-//! the timestamp window. The cache lives on the leader of the metadata group, which every node
-//! asks, so a request replayed to another node of the region is refused too. A new metadata
-//! leader starts with an empty cache: replays inside the window right after a leader change
-//! are not detected.
+//! the timestamp window.
+//!
+//! The nonce travels with the request's first execution on a group leader and is checked in
+//! that leader's cache before anything happens. The same signed request always names the same
+//! queue (the signature covers every parameter), so a replay, to whichever node, reaches the
+//! same group and the same leader and is refused; the check costs no extra hop. A new leader
+//! starts with an empty cache: replays inside the window right after a leader change are not
+//! detected.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// A verified request's nonce, to be recorded by the leader that executes the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NonceCheck {
+    pub secret_id: String,
+    pub nonce: String,
+    pub now_s: i64,
+    pub window_s: i64,
+}
+
+tokio::task_local! {
+    /// The nonce of the HTTP request this task serves, until its first group execution takes it.
+    static PENDING: RefCell<Option<NonceCheck>>;
+}
+
+/// Runs `f` (one HTTP request's action) with `check` pending for its first group execution.
+pub async fn with_pending<F: std::future::Future>(check: NonceCheck, f: F) -> F::Output {
+    PENDING.scope(RefCell::new(Some(check)), f).await
+}
+
+/// Takes the pending nonce of the current request, if any (the first caller gets it).
+pub fn take_pending() -> Option<NonceCheck> {
+    PENDING.try_with(|p| p.borrow_mut().take()).ok().flatten()
+}
 
 #[derive(Default)]
 pub struct NonceCache {
@@ -29,6 +60,12 @@ impl NonceCache {
                 true
             }
         }
+    }
+
+    /// Forgets a nonce whose request was not executed after all (safe to retry).
+    pub fn remove(&self, secret_id: &str, nonce: &str) {
+        let key = (secret_id.to_string(), nonce.to_string());
+        self.seen.lock().expect("nonce lock").remove(&key);
     }
 }
 

@@ -234,6 +234,36 @@ async fn malformed_requests_get_cmq_errors_on_a_live_connection() {
     let (_, reply) = elsewhere.request("POST", "/", twice.as_bytes());
     assert_eq!(code(&reply), 4100, "replay to another node: {reply}");
 
+    // A replayed send is refused by every node and leaves exactly one message.
+    let active = |http: &mut RawHttp| {
+        let q = form(
+            &[("Action", "GetQueueAttributes"), ("queueName", "http-q")],
+            "POST",
+            "/",
+        );
+        let (_, reply) = http.request("POST", "/", q.as_bytes());
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        v["activeMsgNum"].as_u64().unwrap()
+    };
+    let before = active(&mut http);
+    let send = form(
+        &[
+            ("Action", "SendMessage"),
+            ("queueName", "http-q"),
+            ("msgBody", "exactly-once"),
+            ("Nonce", "454545"),
+        ],
+        "POST",
+        "/",
+    );
+    assert_eq!(code(&http.request("POST", "/", send.as_bytes()).1), 0);
+    for node in 1..=3 {
+        let mut c = RawHttp::connect_as(&region.http_addr(node), &addr);
+        let (_, reply) = c.request("POST", "/", send.as_bytes());
+        assert_eq!(code(&reply), 4100, "send replayed to node {node}: {reply}");
+    }
+    assert_eq!(active(&mut http), before + 1, "a replayed send added a message");
+
     // Over 1 MiB: a CMQ error (the server may then close this connection).
     let huge = vec![b'a'; (1 << 20) + 100];
     let mut big = RawHttp::connect(&addr);

@@ -80,7 +80,8 @@ fn a_seed_replays_exactly() {
     );
 }
 
-/// `MERIDIAN_SIM_SEED=<n> [MERIDIAN_SIM_SECS=<s>]`: one seed, for reproducing a failure.
+/// `MERIDIAN_SIM_SEED=<n> [MERIDIAN_SIM_SECS=<simulated s>] [MERIDIAN_SIM_NEMESES=a,b]`: one
+/// seed, for reproducing a failure or a long run of chosen nemeses (names as in `SimNemesis`).
 #[test]
 fn replay() {
     let Ok(seed) = std::env::var("MERIDIAN_SIM_SEED") else {
@@ -93,5 +94,22 @@ fn replay() {
     {
         cfg.chaos = Duration::from_secs(s);
     }
-    check(&cfg);
+    if let Ok(list) = std::env::var("MERIDIAN_SIM_NEMESES") {
+        cfg.nemeses = list
+            .split(',')
+            .map(|n| SimNemesis::parse(n.trim()).unwrap_or_else(|| panic!("unknown nemesis {n:?}")))
+            .collect();
+    }
+    let names: Vec<&str> = cfg.nemeses.iter().map(|n| n.name()).collect();
+    let report = run(&cfg);
+    eprintln!(
+        "{report}\n{}\n{}",
+        meridian_tests::sim::SimReport::HEADER,
+        report.row(&names.join(","))
+    );
+    assert!(
+        report.sends_acked > 0,
+        "no send was ever acknowledged: {report}"
+    );
+    assert!(report.ok(), "{report}");
 }

@@ -7,19 +7,21 @@ use meridian_api::{CmqCode, CmqError, CmqResult};
 use super::HttpApi;
 use crate::node::{GroupReply, GroupRequest};
 use crate::placement::META_GROUP;
+use crate::replay::NonceCheck;
 
 fn auth_error(module: u32, message: impl Into<String>) -> CmqError {
     CmqError::new(CmqCode::AuthFailed, module, message)
 }
 
-/// Returns the tenant (app id) the request acts for.
+/// Returns the tenant (app id) the request acts for, and the nonce to be checked by the leader
+/// that executes it (see `replay`).
 pub async fn authenticate(
     api: &HttpApi,
     method: &str,
     host: &str,
     path: &str,
     params: &Params,
-) -> CmqResult<String> {
+) -> CmqResult<(String, NonceCheck)> {
     let secret_id = params
         .get("SecretId")?
         .filter(|s| !s.is_empty())
@@ -64,12 +66,11 @@ pub async fn authenticate(
         return Err(auth_error(10030, "signature mismatch"));
     }
     // Only a verified request consumes its nonce, so forgeries cannot block a real client.
-    let check = GroupRequest::CheckNonce {
+    let check = NonceCheck {
         secret_id: secret_id.to_string(),
         nonce: nonce.to_string(),
         now_s: now,
         window_s: window,
     };
-    api.ops.node.execute(META_GROUP, check).await?;
-    Ok(cred.app_id.to_string())
+    Ok((cred.app_id.to_string(), check))
 }

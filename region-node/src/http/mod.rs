@@ -138,18 +138,18 @@ impl HttpApi {
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
-        let tenant =
+        let (tenant, nonce) =
             auth::authenticate(self, parts.method.as_str(), host, parts.uri.path(), &params)
                 .await?;
-        actions::dispatch(
+        let action = actions::dispatch(
             &self.ops,
             &self.topics,
             &tenant,
             &action,
             &params,
             request_id,
-        )
-        .await
+        );
+        crate::replay::with_pending(nonce, action).await
     }
 }
 

@@ -75,6 +75,24 @@ impl SimNemesis {
         SimNemesis::ClockJump,
         SimNemesis::SlowDisk,
     ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SimNemesis::CrashOne => "crash-one",
+            SimNemesis::CrashLeader => "crash-leader",
+            SimNemesis::CrashAll => "crash-all",
+            SimNemesis::IsolateNode => "isolate-node",
+            SimNemesis::IsolateLeader => "isolate-leader",
+            SimNemesis::OneWayPartition => "one-way-partition",
+            SimNemesis::MessageLoss => "message-loss",
+            SimNemesis::ClockJump => "clock-jump",
+            SimNemesis::SlowDisk => "slow-disk",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SimNemesis> {
+        Self::ALL.into_iter().find(|n| n.name() == s)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +140,41 @@ pub struct SimReport {
 impl SimReport {
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.violations
+            .iter()
+            .filter(|v| v.starts_with(prefix))
+            .count()
+    }
+
+    pub const HEADER: &'static str = "| nemeses | seed | simulated s | sends acked | sends unknown | deliveries | deletes acked | lost | unexpected | dup after delete | corrupt | visibility | election safety | state machine safety | divergent | other |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+
+    /// One table row (see [`SimReport::HEADER`]).
+    pub fn row(&self, nemeses: &str) -> String {
+        let counted = [
+            "lost:",
+            "unexpected:",
+            "redelivered after delete:",
+            "corrupt:",
+            "visibility:",
+            "election safety:",
+            "state machine safety:",
+            "divergent",
+        ];
+        let c: Vec<usize> = counted.iter().map(|p| self.count(p)).collect();
+        let other = self.violations.len() - c.iter().sum::<usize>();
+        format!(
+            "| {nemeses} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {other} |",
+            self.seed,
+            self.simulated_ms / 1000,
+            self.sends_acked,
+            self.sends_unknown,
+            self.deliveries,
+            self.deletes_acked,
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+        )
     }
 }
 
