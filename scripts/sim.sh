@@ -32,7 +32,7 @@ case "$mode" in
     secs="${1:-600}"; seed="${2:-1}"
     echo "| nemeses | seed | simulated s | sends acked | sends unknown | deliveries | deletes acked | lost | unexpected | dup after delete | corrupt | visibility | election safety | state machine safety | divergent | other |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    for n in ${all//,/ }; do one "$seed" "$secs" "$n" '^\| [a-z]'; done
+    for n in ${all//,/ }; do one "$seed" "$secs" "$n" '^\| [a-z,-]+ \| [0-9]'; done
     ;;
   *) echo "usage: scripts/sim.sh seeds [FIRST] [COUNT] [SECS] | soak [SECS] [SEED]" >&2; exit 2 ;;
 esac
