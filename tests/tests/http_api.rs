@@ -262,7 +262,11 @@ async fn malformed_requests_get_cmq_errors_on_a_live_connection() {
         let (_, reply) = c.request("POST", "/", send.as_bytes());
         assert_eq!(code(&reply), 4100, "send replayed to node {node}: {reply}");
     }
-    assert_eq!(active(&mut http), before + 1, "a replayed send added a message");
+    assert_eq!(
+        active(&mut http),
+        before + 1,
+        "a replayed send added a message"
+    );
 
     // Over 1 MiB: a CMQ error (the server may then close this connection).
     let huge = vec![b'a'; (1 << 20) + 100];

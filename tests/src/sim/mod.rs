@@ -37,7 +37,7 @@ use openraft::ServerState;
 
 use invariants::Invariants;
 use memory_engine::{MemoryEngine, SharedMemoryEngine};
-use net::{call, host_name, ClientOp, ClientReply, NetFaults, Reply, Request, SimTransport};
+use net::{host_name, ClientOp, ClientReply, NetFaults, Pool, Reply, Request, SimTransport};
 use oracle::{Delivery, History, SendOutcome};
 
 /// Unix ms at simulated time zero.
@@ -270,6 +270,7 @@ async fn boot(id: NodeId, shared: Arc<Shared>) -> turmoil::Result {
         engine: Arc::new(SharedMemoryEngine(engine)),
         transport: Arc::new(SimTransport {
             faults: shared.net.clone(),
+            pool: Pool::default(),
         }),
         clock: Arc::new(SimClock {
             offset_ms: shared.clock_offsets[&id].clone(),
@@ -290,21 +291,25 @@ fn pick_node() -> String {
     host_name(NODES[rng::below(NODES.len() as u64) as usize])
 }
 
-async fn client_call(op: ClientOp) -> Result<ClientReply, String> {
-    match call(&pick_node(), &Request::Client(op), Duration::from_secs(30)).await? {
+async fn client_call(pool: &Pool, op: ClientOp) -> Result<ClientReply, String> {
+    let req = Request::Client(op);
+    match pool
+        .call(&pick_node(), &req, Duration::from_secs(30))
+        .await?
+    {
         Reply::Client(ClientReply::Failed { code, message }) => Err(format!("({code}) {message}")),
         Reply::Client(r) => Ok(r),
         Reply::Rpc(_) => Err("rpc reply to a client call".into()),
     }
 }
 
-async fn ensure_queue() {
+async fn ensure_queue(pool: &Pool) {
     loop {
         let op = ClientOp::CreateQueue {
             queue: QUEUE.into(),
             visibility_s: VISIBILITY_S,
         };
-        match client_call(op).await {
+        match client_call(pool, op).await {
             Ok(_) => return,
             Err(e) if e.starts_with(&format!("({QUEUE_EXISTS})")) => return,
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -314,12 +319,15 @@ async fn ensure_queue() {
 
 /// Receives up to `max`, records the deliveries and deletes them; returns how many came and
 /// whether the queue answered "no message".
-async fn receive_and_delete(shared: &Shared, who: &str, max: u32) -> (usize, bool) {
+async fn receive_and_delete(shared: &Shared, pool: &Pool, who: &str, max: u32) -> (usize, bool) {
     let started = sim_ms();
-    let msgs = match client_call(ClientOp::Receive {
-        queue: QUEUE.into(),
-        max,
-    })
+    let msgs = match client_call(
+        pool,
+        ClientOp::Receive {
+            queue: QUEUE.into(),
+            max,
+        },
+    )
     .await
     {
         Ok(ClientReply::Received(m)) => m,
@@ -354,10 +362,13 @@ async fn receive_and_delete(shared: &Shared, who: &str, max: u32) -> (usize, boo
         }
     }
     let handles: Vec<String> = msgs.iter().map(|m| m.handle.clone()).collect();
-    let outcome = client_call(ClientOp::Delete {
-        queue: QUEUE.into(),
-        handles,
-    })
+    let outcome = client_call(
+        pool,
+        ClientOp::Delete {
+            queue: QUEUE.into(),
+            handles,
+        },
+    )
     .await;
     let acked = sim_ms();
     let mut h = shared.history.lock().unwrap();
@@ -378,15 +389,19 @@ async fn receive_and_delete(shared: &Shared, who: &str, max: u32) -> (usize, boo
 
 async fn client_loop(i: usize, shared: Arc<Shared>) -> turmoil::Result {
     let who = format!("client{i}");
-    ensure_queue().await;
+    let pool = &Pool::default();
+    ensure_queue(pool).await;
     let mut n = 0u64;
     while !shared.stop_clients.load(Ordering::Relaxed) {
         n += 1;
         let body = format!("{who}|{n}").into_bytes();
-        let outcome = match client_call(ClientOp::Send {
-            queue: QUEUE.into(),
-            body: body.clone(),
-        })
+        let outcome = match client_call(
+            pool,
+            ClientOp::Send {
+                queue: QUEUE.into(),
+                body: body.clone(),
+            },
+        )
         .await
         {
             Ok(ClientReply::Sent(id)) => SendOutcome::Acked(id),
@@ -403,7 +418,7 @@ async fn client_loop(i: usize, shared: Arc<Shared>) -> turmoil::Result {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if n.is_multiple_of(2) {
-            receive_and_delete(&shared, &who, 8).await;
+            receive_and_delete(&shared, pool, &who, 8).await;
         }
     }
     shared.clients_done.fetch_add(1, Ordering::Relaxed);
@@ -412,8 +427,9 @@ async fn client_loop(i: usize, shared: Arc<Shared>) -> turmoil::Result {
 
 /// Receives and deletes until the queue reports nothing left (active, in flight or delayed).
 async fn drain(shared: Arc<Shared>) -> turmoil::Result {
+    let pool = &Pool::default();
     loop {
-        let (got, empty) = receive_and_delete(&shared, "drain", 16).await;
+        let (got, empty) = receive_and_delete(&shared, pool, "drain", 16).await;
         if got > 0 || !empty {
             continue;
         }
@@ -421,9 +437,12 @@ async fn drain(shared: Arc<Shared>) -> turmoil::Result {
             active: 0,
             inactive: 0,
             delayed: 0,
-        }) = client_call(ClientOp::View {
-            queue: QUEUE.into(),
-        })
+        }) = client_call(
+            pool,
+            ClientOp::View {
+                queue: QUEUE.into(),
+            },
+        )
         .await
         {
             shared.drained.store(true, Ordering::Relaxed);

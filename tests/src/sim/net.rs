@@ -3,8 +3,9 @@
 //! `Transport` seam) and clients reach nodes with [`call`]; both pass through turmoil's links,
 //! so its partitions, holds and latencies apply, and the transport adds seeded message loss.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_api::limits::QueueAttributesPatch;
@@ -113,22 +114,52 @@ async fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Sends one request to `host` and waits up to `timeout` for its reply.
-pub async fn call(host: &str, req: &Request, timeout: Duration) -> Result<Reply, String> {
-    let exchange = async {
-        let mut s = TcpStream::connect((host, PORT))
-            .await
-            .map_err(|e| format!("connect {host}: {e}"))?;
-        let bytes = bincode::serialize(req).map_err(|e| e.to_string())?;
-        write_frame(&mut s, &bytes)
-            .await
-            .map_err(|e| e.to_string())?;
-        let reply = read_frame(&mut s).await.map_err(|e| e.to_string())?;
-        bincode::deserialize(&reply).map_err(|e| e.to_string())
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("{host}: no reply within {timeout:?}")),
+async fn exchange(s: &mut TcpStream, req: &Request) -> Result<Reply, String> {
+    let bytes = bincode::serialize(req).map_err(|e| e.to_string())?;
+    write_frame(s, &bytes).await.map_err(|e| e.to_string())?;
+    let reply = read_frame(s).await.map_err(|e| e.to_string())?;
+    bincode::deserialize(&reply).map_err(|e| e.to_string())
+}
+
+/// Idle connections of one simulated host, by target host, reused like a real client's
+/// keep-alive pool (one connection per call would wrap turmoil's ephemeral ports in long runs).
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<BTreeMap<String, Vec<TcpStream>>>,
+}
+
+impl Pool {
+    /// Sends one request to `host` and waits up to `timeout` for its reply.
+    pub async fn call(
+        &self,
+        host: &str,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Reply, String> {
+        let pooled = self.idle.lock().unwrap().get_mut(host).and_then(Vec::pop);
+        let attempt = async {
+            let mut s = match pooled {
+                Some(s) => s,
+                None => TcpStream::connect((host, PORT))
+                    .await
+                    .map_err(|e| format!("connect {host}: {e}"))?,
+            };
+            let reply = exchange(&mut s, req).await?;
+            Ok::<_, String>((s, reply))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok((s, reply))) => {
+                self.idle
+                    .lock()
+                    .unwrap()
+                    .entry(host.to_string())
+                    .or_default()
+                    .push(s);
+                Ok(reply)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("{host}: no reply within {timeout:?}")),
+        }
     }
 }
 
@@ -141,6 +172,7 @@ pub struct NetFaults {
 /// The node's transport seam in the simulation.
 pub struct SimTransport {
     pub faults: Arc<NetFaults>,
+    pub pool: Pool,
 }
 
 #[tonic::async_trait]
@@ -170,7 +202,7 @@ impl Transport for SimTransport {
             group: msg.group,
             payload: msg.payload,
         };
-        let reply = call(&host_name(target), &req, timeout).await;
+        let reply = self.pool.call(&host_name(target), &req, timeout).await;
         let reply_lost = chance_per_mille(per_mille);
         match reply {
             Ok(Reply::Rpc(Ok(payload))) if !reply_lost => Ok(payload.into_vec()),
@@ -195,30 +227,41 @@ pub async fn serve(node: Arc<RegionNode>) -> turmoil::Result {
         let (mut s, _) = listener.accept().await?;
         let node = node.clone();
         tokio::spawn(async move {
-            let Ok(frame) = read_frame(&mut s).await else {
-                return;
-            };
-            let reply = match bincode::deserialize::<Request>(&frame) {
-                Ok(Request::Rpc {
-                    kind,
-                    group,
-                    payload,
-                }) => match kind_of(kind) {
-                    Some(kind) => Reply::Rpc(
-                        node.serve_rpc(kind, GroupMessage { group, payload })
-                            .await
-                            .map(serde_bytes::ByteBuf::from)
-                            .map_err(|s| (s.code() as i32, s.message().to_string())),
-                    ),
-                    None => Reply::Rpc(Err((3, format!("unknown rpc kind {kind}")))),
-                },
-                Ok(Request::Client(op)) => Reply::Client(client_op(&node, op).await),
-                Err(e) => Reply::Rpc(Err((3, format!("undecodable request: {e}")))),
-            };
-            if let Ok(bytes) = bincode::serialize(&reply) {
-                let _ = write_frame(&mut s, &bytes).await;
+            // Requests one after another until the peer goes away or stays silent (a peer
+            // behind a partition never sends its close).
+            while let Ok(Ok(frame)) = tokio::time::timeout(IDLE, read_frame(&mut s)).await {
+                let reply = answer(&node, &frame).await;
+                let Ok(bytes) = bincode::serialize(&reply) else {
+                    return;
+                };
+                if write_frame(&mut s, &bytes).await.is_err() {
+                    return;
+                }
             }
         });
+    }
+}
+
+/// How long a server connection may stay idle before it is closed.
+const IDLE: Duration = Duration::from_secs(20);
+
+async fn answer(node: &Arc<RegionNode>, frame: &[u8]) -> Reply {
+    match bincode::deserialize::<Request>(frame) {
+        Ok(Request::Rpc {
+            kind,
+            group,
+            payload,
+        }) => match kind_of(kind) {
+            Some(kind) => Reply::Rpc(
+                node.serve_rpc(kind, GroupMessage { group, payload })
+                    .await
+                    .map(serde_bytes::ByteBuf::from)
+                    .map_err(|s| (s.code() as i32, s.message().to_string())),
+            ),
+            None => Reply::Rpc(Err((3, format!("unknown rpc kind {kind}")))),
+        },
+        Ok(Request::Client(op)) => Reply::Client(client_op(node, op).await),
+        Err(e) => Reply::Rpc(Err((3, format!("undecodable request: {e}")))),
     }
 }
 
