@@ -38,9 +38,28 @@ pub struct NodeConfig {
     /// Topic publishing and HTTP push delivery.
     #[serde(default)]
     pub topics: TopicsConfig,
+    /// The node's disk.
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// Fault injection, for the fault tests only.
     #[serde(default)]
     pub faults: FaultsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Free space (MiB) the data directory's file system must keep. Below it the node stops
+    /// writing its log (nothing more is acknowledged through it) and, as a leader, refuses
+    /// writes with a clear error, instead of letting RocksDB hit a full disk, which would stop
+    /// the node's groups until a restart. Writing resumes by itself once space returns.
+    pub min_free_mib: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { min_free_mib: 256 }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +266,7 @@ mod tests {
             raft: RaftConfig::default(),
             http: HttpConfig::default(),
             topics: Default::default(),
+            storage: Default::default(),
             faults: Default::default(),
         }
     }

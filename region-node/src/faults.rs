@@ -166,6 +166,10 @@ impl StorageEngine for FaultyStorage {
         self.inner.flush()
     }
 
+    fn disk_low(&self) -> bool {
+        self.faults.disk_full.load(Ordering::SeqCst) || self.inner.disk_low()
+    }
+
     fn metrics(&self) -> &StorageMetrics {
         self.inner.metrics()
     }

@@ -42,6 +42,20 @@ pub fn render(node: &RegionNode) -> String {
     );
     family(
         &mut out,
+        "meridian_disk_low",
+        "gauge",
+        "1 while the data disk is below its free-space reserve (log writes wait, writes are refused).",
+        &one(load(&m.disk_low)),
+    );
+    family(
+        &mut out,
+        "meridian_disk_low_episodes_total",
+        "counter",
+        "Times log writing was held back for lack of free space.",
+        &one(load(&m.disk_low_episodes)),
+    );
+    family(
+        &mut out,
         "meridian_log_jobs_synced_total",
         "counter",
         "Raft log appends, truncations and purges completed by those batches.",

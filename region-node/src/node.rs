@@ -215,7 +215,10 @@ impl RegionNode {
             NodeError::Storage(format!("create {}: {e}", config.data_dir.display()))
         })?;
         let mut seams = Seams {
-            engine: Arc::new(Engine::open(&config.data_dir.join("db"))?),
+            engine: Arc::new(Engine::open(
+                &config.data_dir.join("db"),
+                config.storage.min_free_mib << 20,
+            )?),
             transport: Arc::new(GrpcTransport::default()),
             clock: Arc::new(SystemClock),
         };
@@ -625,6 +628,13 @@ impl RegionNode {
 
     /// Proposes `op` stamped with this leader's clock and waits until it is applied.
     async fn propose(&self, g: &Group, op: Op) -> Result<OpResult, ForwardError> {
+        if self.engine.disk_low() {
+            return Err(ForwardError::Cmq(CmqError::internal(format!(
+                "node {} (leader of group {}): free space on its data disk is below \
+                 [storage] min_free_mib = {} MiB; writes are refused until space returns",
+                self.id, g.id, self.config.storage.min_free_mib
+            ))));
+        }
         let cmd = Command {
             now_ms: self.clock.now_ms(),
             op,

@@ -104,9 +104,21 @@ impl Region {
         adjust: impl Fn(&mut NodeConfig),
         lab: Option<netns::Lab>,
     ) -> Region {
+        Self::start_in(n, data_groups, adjust, lab, &std::env::temp_dir()).await
+    }
+
+    /// Like [`Region::start_networked`], with the region's directory (every node's data and
+    /// log) under `base`, e.g. a small file system of the test's own.
+    pub async fn start_in(
+        n: u64,
+        data_groups: u32,
+        adjust: impl Fn(&mut NodeConfig),
+        lab: Option<netns::Lab>,
+        base: &Path,
+    ) -> Region {
         let dir = tempfile::Builder::new()
             .prefix("meridian-e2e-")
-            .tempdir()
+            .tempdir_in(base)
             .unwrap();
         let secret: [u8; 32] = rand::random();
         // In a namespace of its own every node has its own address, so fixed ports do.
@@ -139,6 +151,7 @@ impl Region {
                     ..Default::default()
                 },
                 topics: Default::default(),
+                storage: Default::default(),
                 faults: FaultsConfig::default(),
             };
             adjust(&mut cfg);

@@ -100,6 +100,7 @@ fn write_configs(dir: &Path, base_port: u16, data_groups: u32, tls: bool) -> any
                 ..Default::default()
             },
             topics: Default::default(),
+            storage: Default::default(),
             faults: Default::default(),
         };
         let path = config_path(dir, id);

@@ -55,6 +55,11 @@ pub struct StorageMetrics {
     /// Total time spent inside fsync, microseconds.
     pub sync_micros: AtomicU64,
     pub sync_errors: AtomicU64,
+    /// 1 while the data directory's free space is below the configured reserve (log writes
+    /// are held back, leaders refuse writes).
+    pub disk_low: AtomicU64,
+    /// Times log writing was held back for lack of free space.
+    pub disk_low_episodes: AtomicU64,
 }
 
 /// The storage seam (TiKV style): what the Raft log store and the state machine store need from
@@ -82,6 +87,10 @@ pub trait StorageEngine: Send + Sync + 'static {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Whether free space is below the reserve: log writes wait and writes should be refused.
+    fn disk_low(&self) -> bool {
+        false
+    }
 }
 
 fn io_err(e: rocksdb::Error) -> io::Error {
@@ -97,7 +106,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn open(path: &Path) -> Result<Self, NodeError> {
+    /// Opens (or creates) the database at `path`; `min_free_bytes` is the free space its file
+    /// system must keep (0: no reserve).
+    pub fn open(path: &Path, min_free_bytes: u64) -> Result<Self, NodeError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -126,9 +137,13 @@ impl Engine {
         let (tx, rx) = mpsc::channel::<LogJob>();
         let writer_db = db.clone();
         let m = metrics.clone();
+        let space = FreeSpace {
+            path: path.to_path_buf(),
+            min_free_bytes,
+        };
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || run_writer(writer_db, rx, m))
+            .spawn(move || run_writer(writer_db, rx, m, space))
             .map_err(|e| NodeError::Storage(format!("spawn log writer: {e}")))?;
         Ok(Self {
             db,
@@ -218,6 +233,10 @@ impl StorageEngine for Engine {
         &self.metrics
     }
 
+    fn disk_low(&self) -> bool {
+        self.metrics.disk_low.load(Ordering::Relaxed) != 0
+    }
+
     fn flush(&self) -> io::Result<()> {
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
@@ -273,8 +292,70 @@ impl Drop for Engine {
     }
 }
 
-fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>) {
+/// The free-space reserve of the database's file system.
+struct FreeSpace {
+    path: std::path::PathBuf,
+    min_free_bytes: u64,
+}
+
+impl FreeSpace {
+    /// Free bytes for unprivileged writers, or `None` if the file system cannot say.
+    fn available(&self) -> Option<u64> {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `c` is a NUL-terminated path and `st` is written by statvfs before we read it.
+        let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: statvfs returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+
+    /// Blocks while free space is below the reserve, so RocksDB never meets a full disk (which
+    /// would stop it until a restart): nothing queued is written, so nothing more is reported
+    /// durable, and leaders refuse new writes meanwhile (`disk_low`).
+    fn wait_for_room(&self, m: &StorageMetrics) {
+        if self.min_free_bytes == 0 {
+            return;
+        }
+        let mut warned = false;
+        loop {
+            match self.available() {
+                Some(free) if free < self.min_free_bytes => {
+                    if !warned {
+                        warned = true;
+                        m.disk_low.store(1, Ordering::Relaxed);
+                        m.disk_low_episodes.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            path = %self.path.display(),
+                            free_mib = free >> 20,
+                            reserve_mib = self.min_free_bytes >> 20,
+                            "data disk below its free-space reserve: log writes wait, writes are refused"
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                _ => break,
+            }
+        }
+        if warned {
+            m.disk_low.store(0, Ordering::Relaxed);
+            tracing::warn!(path = %self.path.display(), "free space is back: log writes resume");
+        }
+    }
+}
+
+fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, space: FreeSpace) {
+    let mut last_check = Instant::now();
+    space.wait_for_room(&m);
     while let Ok(first) = rx.recv() {
+        // statvfs is cheap, but not free: look at most every 50 ms while there is room.
+        if last_check.elapsed() >= std::time::Duration::from_millis(50) {
+            space.wait_for_room(&m);
+            last_check = Instant::now();
+        }
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
         let mut ops = Vec::new();

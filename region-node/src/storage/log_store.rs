@@ -319,7 +319,7 @@ mod tests {
     async fn append_truncate_reappend_purge_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let engine = Arc::new(Engine::open(dir.path()).unwrap());
+            let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
             let mut s = LogStore::new(1, engine.clone());
             let mut other = LogStore::new(2, engine);
             s.blocking_append((1..=5).map(|i| entry(1, i)))
@@ -356,7 +356,7 @@ mod tests {
             );
         }
         // Everything acknowledged is there after reopening.
-        let engine = Arc::new(Engine::open(dir.path()).unwrap());
+        let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
         let mut s = LogStore::new(1, engine);
         assert_eq!(terms(&mut s, 0).await, vec![(3, 1), (4, 2), (5, 2)]);
         let st = s.get_log_state().await.unwrap();

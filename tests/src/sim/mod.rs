@@ -259,6 +259,7 @@ fn node_config(id: NodeId) -> NodeConfig {
         },
         http: Default::default(),
         topics: Default::default(),
+        storage: Default::default(),
         faults: Default::default(),
     }
 }
