@@ -47,7 +47,10 @@ fn free_bytes(path: &Path) -> u64 {
     // SAFETY: valid path, and statvfs fills `st` when it returns 0 (asserted).
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }, 0);
     let st = unsafe { st.assume_init() };
-    st.f_bavail as u64 * st.f_frsize as u64
+    // The field types differ between platforms (u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    free
 }
 
 /// `Ok(true)` acknowledged, `Ok(false)` no answer within 5 s (outcome unknown), `Err` refused.

@@ -310,6 +310,8 @@ impl FreeSpace {
         }
         // SAFETY: statvfs returned 0, so it filled `st`.
         let st = unsafe { st.assume_init() };
+        // The field types differ between platforms (u32 on some 32-bit ones).
+        #[allow(clippy::unnecessary_cast)]
         Some(st.f_bavail as u64 * st.f_frsize as u64)
     }
 
