@@ -1,6 +1,8 @@
 //! Deterministic simulation of a region (see `meridian_tests::sim`): fixed seeds in CI, each
 //! with every nemesis mixed in; the same seed twice gives the same history; and `replay` runs
-//! any seed given in `MERIDIAN_SIM_SEED` (for reproducing a failure, or `scripts/sim.sh`).
+//! any seed given in `MERIDIAN_SIM_SEED` (for reproducing a failure, or `scripts/sim.sh`);
+//! `MERIDIAN_SIM_TRACE=1` prints its event trace, `MERIDIAN_SIM_DEBUG=1` adds every node's
+//! Raft state changes to it.
 
 use std::time::Duration;
 

@@ -30,6 +30,7 @@ pub struct Invariants {
     /// (node, group) → highest index already compared.
     checked: BTreeMap<(NodeId, u32), u64>,
     pub violations: Vec<String>,
+    last_seen: BTreeMap<(NodeId, u32), String>,
     /// Leader changes seen, as trace lines.
     pub events: Vec<String>,
 }
@@ -43,15 +44,28 @@ impl Invariants {
     ) {
         for (&id, node) in nodes {
             for g in node.groups() {
-                let (state, term, applied) = {
+                let (state, term, applied, detail) = {
                     let m = g.raft.metrics();
                     let m = m.borrow();
+                    let detail = format!(
+                        "vote {} last log {:?} leader {:?}",
+                        m.vote, m.last_log_index, m.current_leader
+                    );
                     (
                         m.state,
                         m.current_term,
                         m.last_applied.map_or(0, |l| l.index),
+                        detail,
                     )
                 };
+                if std::env::var_os("MERIDIAN_SIM_DEBUG").is_some() {
+                    let key = format!("{state:?} {detail}");
+                    if self.last_seen.get(&(id, g.id)) != Some(&key) {
+                        self.events
+                            .push(format!("{now_ms} node {id} group {}: {key}", g.id));
+                        self.last_seen.insert((id, g.id), key);
+                    }
+                }
                 if state == ServerState::Leader {
                     match self.leaders.get(&(g.id, term)) {
                         None => {
@@ -59,7 +73,7 @@ impl Invariants {
                             self.events.push(format!("{now_ms} group {} term {term} leader {id}", g.id));
                         }
                         Some(&other) if other != id => self.violations.push(format!(
-                            "election safety: group {} term {term} has leaders {other} and {id} (at {now_ms} ms)",
+                            "election safety: group {} term {term} has leaders {other} and {id} ({detail}) (at {now_ms} ms)",
                             g.id
                         )),
                         Some(_) => {}

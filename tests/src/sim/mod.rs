@@ -830,5 +830,10 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let mut trace = shared.trace.lock().unwrap().clone();
     trace.extend(d.inv.events.iter().cloned());
     report.trace_hash = trace_hash(&trace);
+    if std::env::var_os("MERIDIAN_SIM_TRACE").is_some() {
+        for line in &trace {
+            eprintln!("trace: {line}");
+        }
+    }
     report
 }
