@@ -385,6 +385,11 @@ impl RegionNode {
             },
             None => req,
         };
+        // With its log writes held back, this node's Raft groups stall (openraft 0.9 waits for
+        // each append to be durable), so it may not even know a leader: refuse at once, clearly.
+        if !req.is_read_only() && self.engine.disk_low() {
+            return Err(self.disk_low_error());
+        }
         let deadline = Instant::now() + LEADER_WAIT + req.max_wait();
         let g = self.group(group)?;
         loop {
@@ -626,14 +631,19 @@ impl RegionNode {
             })
     }
 
+    /// The clear refusal of a write while this node's disk is below its free-space reserve.
+    fn disk_low_error(&self) -> CmqError {
+        CmqError::internal(format!(
+            "node {}: free space on its data disk is below [storage] min_free_mib = {} MiB; \
+             writes are refused until space returns",
+            self.id, self.config.storage.min_free_mib
+        ))
+    }
+
     /// Proposes `op` stamped with this leader's clock and waits until it is applied.
     async fn propose(&self, g: &Group, op: Op) -> Result<OpResult, ForwardError> {
         if self.engine.disk_low() {
-            return Err(ForwardError::Cmq(CmqError::internal(format!(
-                "node {} (leader of group {}): free space on its data disk is below \
-                 [storage] min_free_mib = {} MiB; writes are refused until space returns",
-                self.id, g.id, self.config.storage.min_free_mib
-            ))));
+            return Err(ForwardError::Cmq(self.disk_low_error()));
         }
         let cmd = Command {
             now_ms: self.clock.now_ms(),

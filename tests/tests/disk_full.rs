@@ -96,7 +96,11 @@ async fn full_disk_refuses_writes_clearly_then_resumes() {
     let fill = free_bytes(&fs.0).saturating_sub(64 << 20);
     std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
     let mut refused = None;
-    for n in 0..600 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    for n in 0.. {
+        if tokio::time::Instant::now() > deadline {
+            break;
+        }
         let body = format!("during-{n}");
         match send(&region, &body).await {
             // A send already queued when space ran out waits, unacknowledged.
@@ -128,7 +132,11 @@ async fn full_disk_refuses_writes_clearly_then_resumes() {
     // Space returns: writes succeed again, no restart.
     std::fs::remove_file(&filler).unwrap();
     let mut resumed = false;
-    for n in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    for n in 0.. {
+        if tokio::time::Instant::now() > deadline {
+            break;
+        }
         let body = format!("after-{n}");
         if let Ok(true) = send(&region, &body).await {
             acked.insert(body);

@@ -315,36 +315,32 @@ impl FreeSpace {
         Some(st.f_bavail as u64 * st.f_frsize as u64)
     }
 
+    /// Updates `disk_low` from the current free space (logging each change); true if low.
+    fn refresh(&self, m: &StorageMetrics) -> bool {
+        if self.min_free_bytes == 0 {
+            return false;
+        }
+        let low = matches!(self.available(), Some(free) if free < self.min_free_bytes);
+        let was_low = m.disk_low.swap(u64::from(low), Ordering::Relaxed) != 0;
+        if low && !was_low {
+            m.disk_low_episodes.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                path = %self.path.display(),
+                reserve_mib = self.min_free_bytes >> 20,
+                "data disk below its free-space reserve: log writes wait, writes are refused"
+            );
+        } else if was_low && !low {
+            tracing::warn!(path = %self.path.display(), "free space is back: log writes resume");
+        }
+        low
+    }
+
     /// Blocks while free space is below the reserve, so RocksDB never meets a full disk (which
     /// would stop it until a restart): nothing queued is written, so nothing more is reported
-    /// durable, and leaders refuse new writes meanwhile (`disk_low`).
+    /// durable, and the node refuses new writes meanwhile (`disk_low`).
     fn wait_for_room(&self, m: &StorageMetrics) {
-        if self.min_free_bytes == 0 {
-            return;
-        }
-        let mut warned = false;
-        loop {
-            match self.available() {
-                Some(free) if free < self.min_free_bytes => {
-                    if !warned {
-                        warned = true;
-                        m.disk_low.store(1, Ordering::Relaxed);
-                        m.disk_low_episodes.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(
-                            path = %self.path.display(),
-                            free_mib = free >> 20,
-                            reserve_mib = self.min_free_bytes >> 20,
-                            "data disk below its free-space reserve: log writes wait, writes are refused"
-                        );
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                }
-                _ => break,
-            }
-        }
-        if warned {
-            m.disk_low.store(0, Ordering::Relaxed);
-            tracing::warn!(path = %self.path.display(), "free space is back: log writes resume");
+        while self.refresh(m) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
 }
@@ -352,8 +348,19 @@ impl FreeSpace {
 fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, space: FreeSpace) {
     let mut last_check = Instant::now();
     space.wait_for_room(&m);
-    while let Ok(first) = rx.recv() {
-        // statvfs is cheap, but not free: look at most every 50 ms while there is room.
+    loop {
+        // Idle or not, free space is looked at every 200 ms, so a node with nothing to write
+        // still refuses writes (and reports `disk_low`) once its disk is short.
+        let first = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                space.refresh(&m);
+                last_check = Instant::now();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        // statvfs is cheap, but not free: look at most every 50 ms while busy.
         if last_check.elapsed() >= std::time::Duration::from_millis(50) {
             space.wait_for_room(&m);
             last_check = Instant::now();
