@@ -267,6 +267,10 @@ fn node_config(id: NodeId) -> NodeConfig {
 async fn boot(id: NodeId, shared: Arc<Shared>) -> turmoil::Result {
     let engine = shared.engines[&id].clone();
     engine.recover();
+    // Real processes never start in the same millisecond. Started together, openraft 0.9's
+    // ticks line up exactly, and since it draws each node's election timeout once per process,
+    // two nodes whose timeouts round to the same tick split every vote forever (seed 1082 did).
+    tokio::time::sleep(Duration::from_millis(rng::below(200))).await;
     let seams = Seams {
         engine: Arc::new(SharedMemoryEngine(engine)),
         transport: Arc::new(SimTransport {
