@@ -103,6 +103,14 @@ fn never_sent(s: &tonic::Status) -> bool {
 }
 
 impl GroupRequest {
+    /// The request itself, without the replay guard around it.
+    fn inner(&self) -> &GroupRequest {
+        match self {
+            GroupRequest::Guarded { request, .. } => request,
+            other => other,
+        }
+    }
+
     /// Requests with no effect on the leader, safe to retry elsewhere.
     fn is_read_only(&self) -> bool {
         matches!(
@@ -121,8 +129,7 @@ impl GroupRequest {
 
     /// The longest this request may legitimately take on the leader.
     fn max_wait(&self) -> Duration {
-        match self {
-            GroupRequest::Guarded { request, .. } => request.max_wait(),
+        match self.inner() {
             GroupRequest::Receive { wait_ms, .. } => Duration::from_millis(
                 wait_ms.unwrap_or(u64::from(meridian_api::limits::MAX_POLLING_WAIT_SECONDS) * 1000),
             ),
@@ -387,7 +394,7 @@ impl RegionNode {
         };
         // With its log writes held back, this node's Raft groups stall (openraft 0.9 waits for
         // each append to be durable), so it may not even know a leader: refuse at once, clearly.
-        if !req.is_read_only() && self.engine.disk_low() {
+        if !req.inner().is_read_only() && self.engine.disk_low() {
             return Err(self.disk_low_error());
         }
         let deadline = Instant::now() + LEADER_WAIT + req.max_wait();

@@ -183,12 +183,7 @@ struct History {
 }
 
 fn checksum(s: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", crate::fnv1a(s.bytes()))
 }
 
 fn body_for(queue: &str, client: usize, n: u64) -> String {
@@ -602,7 +597,7 @@ pub async fn run(cfg: ChaosConfig) -> Report {
         None
     };
     let via = if lab.is_some() { " (netns)" } else { "" };
-    let mut region = Region::start_networked(
+    let mut region = Region::start_in(
         3,
         2,
         |c| {
@@ -610,6 +605,7 @@ pub async fn run(cfg: ChaosConfig) -> Report {
             c.faults = FaultsConfig { enabled: true };
         },
         lab,
+        &std::env::temp_dir(),
     )
     .await;
     let queues: Vec<String> = (0..cfg.queues).map(|i| format!("chaos-{i}")).collect();

@@ -93,22 +93,12 @@ impl Region {
         data_groups: u32,
         adjust: impl Fn(&mut NodeConfig),
     ) -> Region {
-        Self::start_networked(n, data_groups, adjust, None).await
+        Self::start_in(n, data_groups, adjust, None, &std::env::temp_dir()).await
     }
 
-    /// Like [`Region::start_configured`], each node in its own network namespace of `lab`
-    /// (so tests can partition the real network), or on loopback when `lab` is `None`.
-    pub async fn start_networked(
-        n: u64,
-        data_groups: u32,
-        adjust: impl Fn(&mut NodeConfig),
-        lab: Option<netns::Lab>,
-    ) -> Region {
-        Self::start_in(n, data_groups, adjust, lab, &std::env::temp_dir()).await
-    }
-
-    /// Like [`Region::start_networked`], with the region's directory (every node's data and
-    /// log) under `base`, e.g. a small file system of the test's own.
+    /// Like [`Region::start_configured`], each node in its own network namespace of `lab` (so
+    /// tests can partition the real network; on loopback when `None`), and the region's
+    /// directory (every node's data and log) under `base`, e.g. a small file system of its own.
     pub async fn start_in(
         n: u64,
         data_groups: u32,
@@ -437,6 +427,13 @@ impl Region {
             tempfile::tempdir().unwrap(),
         ));
     }
+}
+
+/// FNV-1a over `bytes`: a cheap, stable digest for test bodies and traces (not cryptographic).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The CMQ code of a gRPC error status.

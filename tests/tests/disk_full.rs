@@ -4,11 +4,12 @@
 //! returns, writes succeed again without a restart. Needs root (mount); skipped otherwise.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use meridian_api::pb::*;
+use meridian_region_node::storage::free_bytes;
 use meridian_tests::{cmq_code, Region};
 
 /// A tmpfs mounted for the test, unmounted on drop.
@@ -39,18 +40,6 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
     }
-}
-
-fn free_bytes(path: &Path) -> u64 {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: valid path, and statvfs fills `st` when it returns 0 (asserted).
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }, 0);
-    let st = unsafe { st.assume_init() };
-    // The field types differ between platforms (u32 on some 32-bit ones).
-    #[allow(clippy::unnecessary_cast)]
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
-    free
 }
 
 /// `Ok(true)` acknowledged, `Ok(false)` no answer within 5 s (outcome unknown), `Err` refused.
@@ -93,7 +82,8 @@ async fn full_disk_refuses_writes_clearly_then_resumes() {
 
     // Fill the file system (shared by all three nodes) to 64 MiB free: below the reserve.
     let filler = fs.0.join("filler");
-    let fill = free_bytes(&fs.0).saturating_sub(64 << 20);
+    let free = free_bytes(&fs.0).expect("statvfs of the tmpfs");
+    let fill = free.saturating_sub(64 << 20);
     std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
     let mut refused = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);

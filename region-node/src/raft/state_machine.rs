@@ -96,10 +96,16 @@ impl SharedState {
     /// The applied index and a SHA-256 (hex) of the state at exactly that index.
     pub fn digest(&self) -> (u64, String) {
         let state = self.state.read().expect("state lock");
-        let applied = self.applied.read().expect("applied lock");
+        let applied = self.applied_index();
         let bytes = bincode::serialize(&*state).expect("state is serialisable");
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
-        (applied.0.map_or(0, |l| l.index), hex::encode(d.as_ref()))
+        (applied, hex::encode(d.as_ref()))
+    }
+
+    /// The index of the last entry applied (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        let applied = self.applied.read().expect("applied lock");
+        applied.0.map_or(0, |l| l.index)
     }
 }
 

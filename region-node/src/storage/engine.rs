@@ -298,29 +298,30 @@ struct FreeSpace {
     min_free_bytes: u64,
 }
 
-impl FreeSpace {
-    /// Free bytes for unprivileged writers, or `None` if the file system cannot say.
-    fn available(&self) -> Option<u64> {
-        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).ok()?;
-        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-        // SAFETY: `c` is a NUL-terminated path and `st` is written by statvfs before we read it.
-        let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-        if rc != 0 {
-            return None;
-        }
-        // SAFETY: statvfs returned 0, so it filled `st`.
-        let st = unsafe { st.assume_init() };
-        // The field types differ between platforms (u32 on some 32-bit ones).
-        #[allow(clippy::unnecessary_cast)]
-        Some(st.f_bavail as u64 * st.f_frsize as u64)
+/// Free bytes for unprivileged writers on the file system holding `path`, or `None` if it
+/// cannot say.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is written by statvfs before we read it.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
     }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
 
+impl FreeSpace {
     /// Updates `disk_low` from the current free space (logging each change); true if low.
     fn refresh(&self, m: &StorageMetrics) -> bool {
         if self.min_free_bytes == 0 {
             return false;
         }
-        let low = matches!(self.available(), Some(free) if free < self.min_free_bytes);
+        let low = matches!(free_bytes(&self.path), Some(free) if free < self.min_free_bytes);
         let was_low = m.disk_low.swap(u64::from(low), Ordering::Relaxed) != 0;
         if low && !was_low {
             m.disk_low_episodes.fetch_add(1, Ordering::Relaxed);
@@ -346,8 +347,8 @@ impl FreeSpace {
 }
 
 fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, space: FreeSpace) {
-    let mut last_check = Instant::now();
-    space.wait_for_room(&m);
+    // When free space was last looked at; `None` before the first batch.
+    let mut last_check: Option<Instant> = None;
     loop {
         // Idle or not, free space is looked at every 200 ms, so a node with nothing to write
         // still refuses writes (and reports `disk_low`) once its disk is short.
@@ -355,15 +356,15 @@ fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, s
             Ok(job) => job,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 space.refresh(&m);
-                last_check = Instant::now();
+                last_check = Some(Instant::now());
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         // statvfs is cheap, but not free: look at most every 50 ms while busy.
-        if last_check.elapsed() >= std::time::Duration::from_millis(50) {
+        if last_check.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(50)) {
             space.wait_for_room(&m);
-            last_check = Instant::now();
+            last_check = Some(Instant::now());
         }
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());

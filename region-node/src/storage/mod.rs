@@ -5,7 +5,7 @@ mod engine;
 mod log_store;
 
 pub use engine::{
-    Engine, LogJob, LogOp, StorageEngine, StorageMetrics, CF_LOG, CF_META, CF_SNAPSHOT,
+    free_bytes, Engine, LogJob, LogOp, StorageEngine, StorageMetrics, CF_LOG, CF_META, CF_SNAPSHOT,
 };
 pub use log_store::LogStore;
 

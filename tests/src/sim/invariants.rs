@@ -10,15 +10,6 @@ use openraft::ServerState;
 
 use super::memory_engine::MemoryEngine;
 
-fn fnv(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 #[derive(Default)]
 pub struct Invariants {
     /// (group, term) → the node that led it: **election safety**, at most one leader a term.
@@ -30,12 +21,21 @@ pub struct Invariants {
     /// (node, group) → highest index already compared.
     checked: BTreeMap<(NodeId, u32), u64>,
     pub violations: Vec<String>,
+    /// Record every node's Raft state changes in `events` (`MERIDIAN_SIM_DEBUG`).
+    debug: bool,
     last_seen: BTreeMap<(NodeId, u32), String>,
     /// Leader changes seen, as trace lines.
     pub events: Vec<String>,
 }
 
 impl Invariants {
+    pub fn new() -> Self {
+        Self {
+            debug: std::env::var_os("MERIDIAN_SIM_DEBUG").is_some(),
+            ..Self::default()
+        }
+    }
+
     pub fn check(
         &mut self,
         nodes: &BTreeMap<NodeId, Arc<RegionNode>>,
@@ -44,22 +44,22 @@ impl Invariants {
     ) {
         for (&id, node) in nodes {
             for g in node.groups() {
-                let (state, term, applied, detail) = {
+                let (state, term, applied, vote, last_log, leader) = {
                     let m = g.raft.metrics();
                     let m = m.borrow();
-                    let detail = format!(
-                        "vote {} last log {:?} leader {:?}",
-                        m.vote, m.last_log_index, m.current_leader
-                    );
                     (
                         m.state,
                         m.current_term,
                         m.last_applied.map_or(0, |l| l.index),
-                        detail,
+                        m.vote,
+                        m.last_log_index,
+                        m.current_leader,
                     )
                 };
-                if std::env::var_os("MERIDIAN_SIM_DEBUG").is_some() {
-                    let key = format!("{state:?} {detail}");
+                // Only formatted for the debug trace or a violation.
+                let detail = || format!("vote {vote} last log {last_log:?} leader {leader:?}");
+                if self.debug {
+                    let key = format!("{state:?} {}", detail());
                     if self.last_seen.get(&(id, g.id)) != Some(&key) {
                         self.events
                             .push(format!("{now_ms} node {id} group {}: {key}", g.id));
@@ -73,8 +73,9 @@ impl Invariants {
                             self.events.push(format!("{now_ms} group {} term {term} leader {id}", g.id));
                         }
                         Some(&other) if other != id => self.violations.push(format!(
-                            "election safety: group {} term {term} has leaders {other} and {id} ({detail}) (at {now_ms} ms)",
-                            g.id
+                            "election safety: group {} term {term} has leaders {other} and {id} ({}) (at {now_ms} ms)",
+                            g.id,
+                            detail()
                         )),
                         Some(_) => {}
                     }
@@ -100,7 +101,7 @@ impl Invariants {
         let hi = group_key(group, &(applied + 1).to_be_bytes());
         for (key, value) in engine.visible_range(CF_LOG, &lo, &hi) {
             let index = u64::from_be_bytes(key[4..12].try_into().expect("log key"));
-            let digest = fnv(&value);
+            let digest = crate::fnv1a(value);
             match self.committed.get(&(group, index)) {
                 None => {
                     self.committed.insert((group, index), (node, digest));

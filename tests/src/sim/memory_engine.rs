@@ -33,6 +33,14 @@ struct Disk {
     boot: u64,
 }
 
+/// Keys of `cf` in `[from, to)`.
+fn key_range(cf: &'static str, from: &[u8], to: &[u8]) -> (Bound<Key>, Bound<Key>) {
+    (
+        Bound::Included((cf, from.to_vec())),
+        Bound::Excluded((cf, to.to_vec())),
+    )
+}
+
 fn apply(table: &mut Table, op: &LogOp) {
     match op {
         LogOp::Put { cf, key, value } => {
@@ -40,10 +48,7 @@ fn apply(table: &mut Table, op: &LogOp) {
         }
         LogOp::DeleteRange { cf, from, to } => {
             let doomed: Vec<Key> = table
-                .range((
-                    Bound::Included((*cf, from.clone())),
-                    Bound::Excluded((*cf, to.clone())),
-                ))
+                .range(key_range(cf, from, to))
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in doomed {
@@ -109,10 +114,7 @@ impl MemoryEngine {
     ) -> Vec<(Vec<u8>, Vec<u8>)> {
         let d = self.disk.lock().unwrap();
         d.visible
-            .range((
-                Bound::Included((cf, from.to_vec())),
-                Bound::Excluded((cf, to.to_vec())),
-            ))
+            .range(key_range(cf, from, to))
             .map(|((_, k), v)| (k.clone(), v.clone()))
             .collect()
     }
@@ -176,10 +178,7 @@ impl StorageEngine for SharedMemoryEngine {
     ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
         let d = self.0.disk.lock().unwrap();
         Ok(d.visible
-            .range((
-                Bound::Included((cf, from.to_vec())),
-                Bound::Excluded((cf, to.to_vec())),
-            ))
+            .range(key_range(cf, from, to))
             .next_back()
             .map(|((_, k), v)| (k.clone(), v.clone())))
     }

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
+use meridian_api::CmqCode;
 use meridian_region_node::clock::Clock;
 use meridian_region_node::command::QueueKey;
 use meridian_region_node::config::{MemberConfig, NodeConfig, RaftConfig};
@@ -46,9 +47,6 @@ const NODES: [NodeId; 3] = [1, 2, 3];
 const DATA_GROUPS: u32 = 2;
 const QUEUE: &str = "orders";
 const VISIBILITY_S: u32 = 5;
-/// Error code of "queue exists" and "no message".
-const QUEUE_EXISTS: u32 = 4460;
-const NO_MESSAGE: u32 = 7000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimNemesis {
@@ -233,6 +231,16 @@ struct Shared {
     drained: AtomicBool,
 }
 
+impl Shared {
+    fn trace(&self, line: String) {
+        self.trace.lock().unwrap().push(line);
+    }
+}
+
+fn applied_index(node: &RegionNode, group: u32) -> u64 {
+    node.groups()[group as usize].shared.applied_index()
+}
+
 fn node_config(id: NodeId) -> NodeConfig {
     NodeConfig {
         node_id: id,
@@ -296,15 +304,45 @@ fn pick_node() -> String {
     host_name(NODES[rng::below(NODES.len() as u64) as usize])
 }
 
-async fn client_call(pool: &Pool, op: ClientOp) -> Result<ClientReply, String> {
+/// Why a client call failed: the node's CMQ error, or no usable answer (`code: None`).
+#[derive(Debug)]
+struct CallError {
+    code: Option<u32>,
+    message: String,
+}
+
+impl CallError {
+    fn is(&self, code: CmqCode) -> bool {
+        self.code == Some(code.as_u32())
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "({code}) {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+async fn client_call(pool: &Pool, op: ClientOp) -> Result<ClientReply, CallError> {
     let req = Request::Client(op);
+    let lost = |message: String| CallError {
+        code: None,
+        message,
+    };
     match pool
         .call(&pick_node(), &req, Duration::from_secs(30))
-        .await?
+        .await
+        .map_err(lost)?
     {
-        Reply::Client(ClientReply::Failed { code, message }) => Err(format!("({code}) {message}")),
+        Reply::Client(ClientReply::Failed { code, message }) => Err(CallError {
+            code: Some(code),
+            message,
+        }),
         Reply::Client(r) => Ok(r),
-        Reply::Rpc(_) => Err("rpc reply to a client call".into()),
+        Reply::Rpc(_) => Err(lost("rpc reply to a client call".into())),
     }
 }
 
@@ -316,7 +354,7 @@ async fn ensure_queue(pool: &Pool) {
         };
         match client_call(pool, op).await {
             Ok(_) => return,
-            Err(e) if e.starts_with(&format!("({QUEUE_EXISTS})")) => return,
+            Err(e) if e.is(CmqCode::AlreadyExists) => return,
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -337,12 +375,8 @@ async fn receive_and_delete(shared: &Shared, pool: &Pool, who: &str, max: u32) -
     {
         Ok(ClientReply::Received(m)) => m,
         Err(e) => {
-            let empty = e.starts_with(&format!("({NO_MESSAGE})"));
-            shared
-                .trace
-                .lock()
-                .unwrap()
-                .push(format!("{started} {who} receive: {e}"));
+            let empty = e.is(CmqCode::NoMessage);
+            shared.trace(format!("{started} {who} receive: {e}"));
             if !empty {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -412,11 +446,7 @@ async fn client_loop(i: usize, shared: Arc<Shared>) -> turmoil::Result {
             Ok(ClientReply::Sent(id)) => SendOutcome::Acked(id),
             _ => SendOutcome::Unknown,
         };
-        shared
-            .trace
-            .lock()
-            .unwrap()
-            .push(format!("{} {who} send {n}: {outcome:?}", sim_ms()));
+        shared.trace(format!("{} {who} send {n}: {outcome:?}", sim_ms()));
         let unknown = outcome == SendOutcome::Unknown;
         shared.history.lock().unwrap().sends.insert(body, outcome);
         if unknown {
@@ -501,10 +531,6 @@ impl Driver<'_> {
         self.sim.elapsed().as_millis() as u64
     }
 
-    fn trace(&self, line: String) {
-        self.shared.trace.lock().unwrap().push(line);
-    }
-
     fn start(&mut self, kind: SimNemesis, queue_group: u32) -> Active {
         let random_node = || NODES[rng::below(3) as usize];
         let now = self.now_ms();
@@ -566,13 +592,15 @@ impl Driver<'_> {
                 Active::SlowDisk
             }
         };
-        self.trace(format!("{now} nemesis {kind:?} {}", describe(&active)));
+        self.shared
+            .trace(format!("{now} nemesis {kind:?} {}", describe(&active)));
         active
     }
 
     fn stop(&mut self, active: Active) {
         let now = self.now_ms();
-        self.trace(format!("{now} heal {}", describe(&active)));
+        self.shared
+            .trace(format!("{now} heal {}", describe(&active)));
         match active {
             Active::Crashed(victims) => {
                 for v in victims {
@@ -633,14 +661,11 @@ fn describe(a: &Active) -> String {
 }
 
 fn trace_hash(lines: &[String]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for l in lines {
-        for b in l.bytes().chain(std::iter::once(b'\n')) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
+    crate::fnv1a(
+        lines
+            .iter()
+            .flat_map(|l| l.bytes().chain(std::iter::once(b'\n'))),
+    )
 }
 
 thread_local! {
@@ -706,7 +731,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let mut d = Driver {
         sim,
         shared: shared.clone(),
-        inv: Invariants::default(),
+        inv: Invariants::new(),
         nemesis_events: 0,
         max_skew_ms: 0,
     };
@@ -758,18 +783,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         for g in 0..=DATA_GROUPS {
             let converged = d.run_until(Duration::from_secs(30), |d| {
                 let nodes = d.live_nodes();
-                let applied: Vec<u64> = nodes
-                    .values()
-                    .map(|n| {
-                        n.groups()[g as usize]
-                            .shared
-                            .applied
-                            .read()
-                            .unwrap()
-                            .0
-                            .map_or(0, |l| l.index)
-                    })
-                    .collect();
+                let applied: Vec<u64> = nodes.values().map(|n| applied_index(n, g)).collect();
                 nodes.len() == NODES.len() && applied.windows(2).all(|w| w[0] == w[1])
             })?;
             if !converged {
@@ -787,17 +801,12 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     .violations
                     .push(format!("divergent replicas in group {g}: {digests:?}"));
             }
-            d.trace(format!("group {g} digest {:?}", digests[0].1));
+            d.shared
+                .trace(format!("group {g} digest {:?}", digests[0].1));
         }
         for (g, high) in d.inv.committed_high() {
             for (id, n) in d.live_nodes() {
-                let applied = n.groups()[g as usize]
-                    .shared
-                    .applied
-                    .read()
-                    .unwrap()
-                    .0
-                    .map_or(0, |l| l.index);
+                let applied = applied_index(&n, g);
                 if applied < high {
                     d.inv.violations.push(format!(
                         "committed entry lost: group {g} index {high} was applied, node {id} ends at {applied}"
