@@ -27,6 +27,24 @@ impl PartialEq for Woken {
 
 impl Eq for Woken {}
 
+/// What changed outside the queues since the state was last written out as rows
+/// (`queue::rows`). Not state, like [`Woken`].
+#[derive(Debug, Clone, Default)]
+pub struct GroupChanges {
+    /// Queues deleted (their rows go; a queue created again under the name is written anew).
+    pub removed_queues: Vec<QueueKey>,
+    /// Topics changed, created or deleted.
+    pub topics: std::collections::BTreeSet<QueueKey>,
+}
+
+impl PartialEq for GroupChanges {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for GroupChanges {}
+
 /// A message waiting to be moved into a queue of another group (dead-lettered, or published to
 /// a topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +96,8 @@ pub struct GroupState {
     pub next_subscription_num: u64,
     #[serde(skip)]
     pub woken: Woken,
+    #[serde(skip)]
+    pub changes: GroupChanges,
 }
 
 impl GroupState {
@@ -99,6 +119,7 @@ impl GroupState {
             next_topic_num: 1,
             next_subscription_num: 1,
             woken: Woken::default(),
+            changes: GroupChanges::default(),
         }
     }
 
@@ -130,10 +151,12 @@ impl GroupState {
             Op::SetQueueAttributes { key, patch } => self.queue_mut(key).and_then(|q| {
                 q.attrs = patch.apply_to(&q.attrs)?;
                 q.modified_ms = now;
+                q.changes.meta = true;
                 Ok(OpResult::Done)
             }),
             Op::DeleteQueue { key } => match self.queues.remove(key) {
                 Some(_) => {
+                    self.changes.removed_queues.push(key.clone());
                     self.deleted_names.insert(key.clone(), now);
                     Ok(OpResult::Done)
                 }

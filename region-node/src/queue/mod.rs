@@ -2,9 +2,11 @@
 
 mod group;
 mod model;
+mod rows;
 
 pub use group::{Credential, GroupState, OutboxEntry};
-pub use model::{Message, Queue, QueueCounters};
+pub use model::{Message, Queue, QueueChanges, QueueCounters};
+pub use rows::{group_rows, RowError, RowOp, TAG_APPLIED};
 
 #[cfg(test)]
 mod tests;

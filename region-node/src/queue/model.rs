@@ -34,7 +34,29 @@ pub struct Queue {
     /// Live (not deleted) messages by the time they become receivable.
     pub ready: BTreeSet<(i64, u64)>,
     pub deleted_count: u64,
+    #[serde(skip)]
+    pub changes: QueueChanges,
 }
+
+/// What changed since the queue was last written out as rows (`queue::rows`). Not state: it is
+/// drained after every apply and ignored by comparisons and digests.
+#[derive(Debug, Clone, Default)]
+pub struct QueueChanges {
+    /// Name, attributes or times.
+    pub meta: bool,
+    /// Messages whose header changed or that are gone.
+    pub headers: BTreeSet<u64>,
+    /// Messages whose body is new.
+    pub bodies: BTreeSet<u64>,
+}
+
+impl PartialEq for QueueChanges {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for QueueChanges {}
 
 /// The counters GetQueueAttributes reports, computed at a given time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,6 +80,10 @@ impl Queue {
             messages: BTreeMap::new(),
             ready: BTreeSet::new(),
             deleted_count: 0,
+            changes: QueueChanges {
+                meta: true,
+                ..Default::default()
+            },
         }
     }
 
@@ -79,6 +105,8 @@ impl Queue {
             },
         );
         self.ready.insert((visible_ms, seq));
+        self.changes.headers.insert(seq);
+        self.changes.bodies.insert(seq);
     }
 
     /// Drops messages past retention and deleted ones past the rewind window.
@@ -107,6 +135,8 @@ impl Queue {
 
     pub fn remove(&mut self, seq: u64) -> Option<Message> {
         let m = self.messages.remove(&seq)?;
+        self.changes.headers.insert(seq);
+        self.changes.bodies.remove(&seq);
         if m.deleted_ms.is_some() {
             self.deleted_count -= 1;
         } else {
@@ -126,6 +156,7 @@ impl Queue {
                 self.ready.remove(&(m.visible_ms, seq));
                 m.deleted_ms = Some(now_ms);
                 self.deleted_count += 1;
+                self.changes.headers.insert(seq);
             }
         }
     }
@@ -143,6 +174,7 @@ impl Queue {
         }
         m.visible_ms = visible_ms;
         self.ready.insert((visible_ms, seq));
+        self.changes.headers.insert(seq);
         m
     }
 
@@ -163,6 +195,7 @@ impl Queue {
             }
             m.visible_ms = now_ms;
             self.ready.insert((now_ms, seq));
+            self.changes.headers.insert(seq);
         }
     }
 

@@ -53,7 +53,9 @@ impl GroupState {
         Ok((t, s))
     }
 
+    /// The topic, to change: marked for writing out (`queue::rows`).
     pub(crate) fn topic_mut(&mut self, key: &QueueKey) -> Result<&mut Topic, CmqError> {
+        self.changes.topics.insert(key.clone());
         self.topics
             .get_mut(key)
             .ok_or_else(|| topic_not_found(&key.name))
@@ -86,6 +88,7 @@ impl GroupState {
         }
         let topic_id = format!("topic-{}-{}", self.group, self.next_topic_num);
         self.next_topic_num += 1;
+        self.changes.topics.insert(key.clone());
         self.topics.insert(
             key,
             Topic {
@@ -116,6 +119,7 @@ impl GroupState {
             ));
         }
         self.topics.remove(key);
+        self.changes.topics.insert(key.clone());
         self.deleted_topic_names.insert(key.clone(), now);
         Ok(OpResult::Done)
     }
@@ -177,7 +181,7 @@ impl GroupState {
             for q in &queues {
                 self.route_to_queue(q, body.clone(), now);
             }
-            let t = self.topics.get_mut(key).expect("checked above");
+            let t = self.topic_mut(key).expect("checked above");
             for name in &matched {
                 let s = t.subscriptions.get_mut(name).expect("matched above");
                 s.stats.routed += 1;
@@ -310,7 +314,7 @@ impl GroupState {
     /// Records push outcomes. Idempotent: an outcome for a delivery that is no longer
     /// outstanding (already recorded, subscription gone) changes nothing.
     pub(crate) fn push_results(&mut self, key: &QueueKey, results: &[PushResult]) {
-        let Some(t) = self.topics.get_mut(key) else {
+        let Ok(t) = self.topic_mut(key) else {
             return;
         };
         for r in results {
@@ -348,13 +352,16 @@ impl GroupState {
     /// Gives up deliveries of messages older than the topic retention (one day).
     pub(crate) fn expire_topic_messages(&mut self, now: i64) {
         let limit = now - i64::from(TOPIC_MSG_RETENTION_SECONDS) * 1000;
-        for t in self.topics.values_mut() {
+        for (key, t) in self.topics.iter_mut() {
             let old: Vec<u64> = t
                 .messages
                 .iter()
                 .take_while(|(_, m)| m.publish_ms <= limit)
                 .map(|(&seq, _)| seq)
                 .collect();
+            if !old.is_empty() {
+                self.changes.topics.insert(key.clone());
+            }
             for seq in old {
                 for s in t.subscriptions.values_mut() {
                     if s.finish(seq) {
