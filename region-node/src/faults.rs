@@ -173,6 +173,28 @@ impl StorageEngine for FaultyStorage {
     fn metrics(&self) -> &StorageMetrics {
         self.inner.metrics()
     }
+
+    fn checkpoint(&self, name: &str) -> io::Result<()> {
+        self.inner.checkpoint(name)
+    }
+
+    fn scan_checkpoint(
+        &self,
+        name: &str,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan_checkpoint(name, cf, from, to)
+    }
+
+    fn remove_checkpoint(&self, name: &str) -> io::Result<()> {
+        self.inner.remove_checkpoint(name)
+    }
+
+    fn checkpoints(&self) -> io::Result<Vec<String>> {
+        self.inner.checkpoints()
+    }
 }
 
 pub struct FaultyTransport {

@@ -340,12 +340,13 @@ impl GroupState {
                 });
             };
             for (seq, h) in list {
-                let body = bodies.remove(&(key.clone(), seq)).ok_or_else(|| {
-                    RowError::Malformed {
-                        key: format!("{key:?} {seq}"),
-                        why: "message header without a body".into(),
-                    }
-                })?;
+                let body =
+                    bodies
+                        .remove(&(key.clone(), seq))
+                        .ok_or_else(|| RowError::Malformed {
+                            key: format!("{key:?} {seq}"),
+                            why: "message header without a body".into(),
+                        })?;
                 if h.deleted_ms.is_some() {
                     q.deleted_count += 1;
                 } else {

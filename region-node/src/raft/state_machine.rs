@@ -1,8 +1,10 @@
-//! The state machine of one group: the in-memory [`GroupState`] plus its snapshot in RocksDB.
+//! The state machine of one group: the in-memory [`GroupState`], mirrored into RocksDB rows.
 //!
-//! Applying never reads the clock: each command carries the leader's time. The state lives in
-//! memory; on restart it is rebuilt from the last snapshot plus the committed log, which is why
-//! logs are only purged after a snapshot that covers them is stored.
+//! Applying never reads the clock: each command carries the leader's time. The state is served
+//! from memory; after every apply the rows it changed are written (unsynced: the log is what is
+//! durable, and a restart re-applies the log after the index the rows name). A snapshot is a
+//! RocksDB checkpoint: the flush it makes turns the rows durable, and its copy is what a
+//! lagging follower is sent, so logs are only purged up to a state that is on disk.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -18,8 +20,8 @@ use tokio::sync::Notify;
 
 use super::{NodeId, TypeConfig};
 use crate::command::{Op, OpResult, QueueKey};
-use crate::queue::GroupState;
-use crate::storage::{group_key, LogOp, StorageEngine, CF_SNAPSHOT};
+use crate::queue::{group_rows, GroupState, RowOp, TAG_APPLIED};
+use crate::storage::{group_key, LogJob, LogOp, StorageEngine, CF_SNAPSHOT, CF_STATE};
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
@@ -109,22 +111,25 @@ impl SharedState {
     }
 }
 
+/// The record of a group's current snapshot: its meta and the checkpoint holding its rows.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: Vec<u8>,
+    /// Name of the engine checkpoint (`g<group>-<seq>`).
+    checkpoint: String,
+    seq: u64,
 }
 
+/// What goes over the wire to a follower: the group's rows as the checkpoint holds them.
 #[derive(Serialize, Deserialize)]
-struct SnapshotBody {
-    last_applied: Option<LogId<NodeId>>,
-    membership: Membership,
-    state: GroupState,
+struct SnapshotRows {
+    rows: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
 }
 
 #[derive(Clone)]
 pub struct StateMachineStore {
     group: u32,
+    data_groups: u32,
     engine: Arc<dyn StorageEngine>,
     pub shared: Arc<SharedState>,
 }
@@ -133,18 +138,60 @@ fn sm_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(e).into()
 }
 
+fn snap_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
+    StorageIOError::read_snapshot(None, e).into()
+}
+
+fn applied_key(group: u32) -> Vec<u8> {
+    group_key(group, &[TAG_APPLIED])
+}
+
+fn to_log_op(op: RowOp) -> LogOp {
+    match op {
+        RowOp::Put(key, value) => LogOp::Put {
+            cf: CF_STATE,
+            key,
+            value,
+        },
+        RowOp::Delete(key) => LogOp::Delete { cf: CF_STATE, key },
+        RowOp::DeleteRange(from, to) => LogOp::DeleteRange {
+            cf: CF_STATE,
+            from,
+            to,
+        },
+    }
+}
+
+/// The state and applied position that `rows` (one group's, ascending) hold.
+fn state_of_rows(
+    group: u32,
+    data_groups: u32,
+    rows: &[(Vec<u8>, Vec<u8>)],
+) -> StResult<(GroupState, Applied)> {
+    let applied_key = applied_key(group);
+    let applied = match rows.iter().find(|(k, _)| *k == applied_key) {
+        Some((_, v)) => bincode::deserialize(v).map_err(|e| sm_err(&e))?,
+        None => (None, Membership::default()),
+    };
+    let state =
+        GroupState::from_rows(group, data_groups, rows.iter().cloned()).map_err(|e| sm_err(&e))?;
+    Ok((state, applied))
+}
+
+type Applied = (Option<LogId<NodeId>>, Membership);
+
 impl StateMachineStore {
-    /// Opens the group's state machine, restoring the stored snapshot if there is one.
+    /// Opens the group's state machine from its rows, and drops checkpoints of it that no
+    /// snapshot record names (left by a crash between making one and recording it).
     pub fn open(group: u32, data_groups: u32, engine: Arc<dyn StorageEngine>) -> StResult<Self> {
-        let mut state = GroupState::new(group, data_groups);
-        let mut applied = (None, Membership::default());
-        if let Some(stored) = Self::load_snapshot(group, engine.as_ref())? {
-            let body: SnapshotBody = bincode::deserialize(&stored.data).map_err(|e| sm_err(&e))?;
-            state = body.state;
-            applied = (body.last_applied, body.membership);
-        }
-        Ok(Self {
+        let (from, to) = group_rows(group);
+        let rows = engine
+            .scan(CF_STATE, &from, &to)
+            .map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
+        let (state, applied) = state_of_rows(group, data_groups, &rows)?;
+        let store = Self {
             group,
+            data_groups,
             engine,
             shared: Arc::new(SharedState {
                 state: RwLock::new(state),
@@ -153,28 +200,76 @@ impl StateMachineStore {
                 snapshots_installed: Default::default(),
                 snapshot_store: Mutex::new(()),
             }),
-        })
+        };
+        let current = store.load_record()?.map(|r| r.checkpoint);
+        let prefix = format!("g{group}-");
+        for name in store.engine.checkpoints().map_err(|e| snap_err(&e))? {
+            if name.starts_with(&prefix) && Some(&name) != current.as_ref() {
+                store
+                    .engine
+                    .remove_checkpoint(&name)
+                    .map_err(|e| snap_err(&e))?;
+            }
+        }
+        Ok(store)
     }
 
-    fn load_snapshot(group: u32, engine: &dyn StorageEngine) -> StResult<Option<StoredSnapshot>> {
-        let raw = engine
-            .get(CF_SNAPSHOT, &group_key(group, KEY_SNAPSHOT))
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
-        raw.map(|v| bincode::deserialize(&v).map_err(|e| sm_err(&e)))
+    fn load_record(&self) -> StResult<Option<StoredSnapshot>> {
+        let raw = self
+            .engine
+            .get(CF_SNAPSHOT, &group_key(self.group, KEY_SNAPSHOT))
+            .map_err(|e| snap_err(&e))?;
+        raw.map(|v| bincode::deserialize(&v).map_err(|e| snap_err(&e)))
             .transpose()
     }
 
-    /// Stores `stored` unless a newer snapshot is already stored (a slow build racing an
-    /// install must not replace it: logs up to the newer one may already be purged).
-    fn store_snapshot(&self, stored: &StoredSnapshot) -> StResult<()> {
-        let _serial = self
-            .shared
-            .snapshot_store
-            .lock()
-            .expect("snapshot store lock");
-        if let Some(current) = Self::load_snapshot(self.group, self.engine.as_ref())? {
+    /// Makes a checkpoint and reads this group's snapshot out of it: the rows, and the meta
+    /// their applied row gives. Called with `snapshot_store` held.
+    fn checkpoint_group(
+        &self,
+        seq: u64,
+        snapshot_id: Option<String>,
+    ) -> StResult<(StoredSnapshot, Vec<u8>)> {
+        let name = format!("g{}-{seq}", self.group);
+        self.engine.checkpoint(&name).map_err(|e| sm_err(&e))?;
+        let (from, to) = group_rows(self.group);
+        let rows = self
+            .engine
+            .scan_checkpoint(&name, CF_STATE, &from, &to)
+            .map_err(|e| snap_err(&e))?;
+        let (_, (last_applied, membership)) = state_of_rows(self.group, self.data_groups, &rows)?;
+        let snapshot_id = snapshot_id.unwrap_or_else(|| match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.group),
+            None => format!("empty-{}", self.group),
+        });
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let data = encode_rows(rows)?;
+        Ok((
+            StoredSnapshot {
+                meta,
+                checkpoint: name,
+                seq,
+            },
+            data,
+        ))
+    }
+
+    /// Records `stored` as the group's snapshot unless a newer one is recorded (a slow build
+    /// racing an install must not replace it: logs up to the newer one may already be
+    /// purged), then drops the checkpoint that is no longer named. Called with
+    /// `snapshot_store` held.
+    fn record(&self, stored: &StoredSnapshot) -> StResult<()> {
+        let previous = self.load_record()?;
+        if let Some(current) = &previous {
             if current.meta.last_log_id > stored.meta.last_log_id {
-                return Ok(());
+                return self
+                    .engine
+                    .remove_checkpoint(&stored.checkpoint)
+                    .map_err(|e| sm_err(&e));
             }
         }
         let value = bincode::serialize(stored).map_err(|e| sm_err(&e))?;
@@ -184,43 +279,75 @@ impl StateMachineStore {
             value,
         };
         // Synced: logs up to this snapshot may be purged right after.
-        self.engine.write(vec![op], true).map_err(|e| sm_err(&e))
+        self.engine.write(vec![op], true).map_err(|e| sm_err(&e))?;
+        if let Some(p) = previous {
+            self.engine
+                .remove_checkpoint(&p.checkpoint)
+                .map_err(|e| sm_err(&e))?;
+        }
+        Ok(())
+    }
+
+    fn next_seq(&self) -> StResult<u64> {
+        Ok(self.load_record()?.map_or(1, |r| r.seq + 1))
+    }
+
+    /// Writes `ops` behind everything queued before (state rows of earlier applies among
+    /// them), synced, and waits for it.
+    async fn write_ordered(&self, ops: Vec<LogOp>) -> StResult<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.engine.submit(LogJob {
+            ops,
+            sync: true,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        match rx.await {
+            Ok(r) => r.map_err(|e| sm_err(&e)),
+            Err(_) => Err(sm_err(&std::io::Error::other("log writer stopped"))),
+        }
     }
 }
 
+/// Runs disk work (a checkpoint flushes memtables) without stalling the other tasks of a
+/// multi-threaded runtime; inline on a single-threaded one, as a deterministic simulation
+/// has, where a thread pool would make timing, and so the run, depend on the OS.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn encode_rows(rows: Vec<(Vec<u8>, Vec<u8>)>) -> StResult<Vec<u8>> {
+    let rows = rows
+        .into_iter()
+        .map(|(k, v)| (serde_bytes::ByteBuf::from(k), serde_bytes::ByteBuf::from(v)))
+        .collect();
+    bincode::serialize(&SnapshotRows { rows }).map_err(|e| sm_err(&e))
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    /// A RocksDB checkpoint: the rows are consistent at the applied index their own applied
+    /// row names (each apply writes its rows and that row in one batch), which may trail the
+    /// state in memory by the applies still queued to the writer.
     async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
-        let (data, last_applied, membership) = {
-            let state = self.shared.state.read().expect("state lock");
-            let applied = self.shared.applied.read().expect("applied lock");
-            let body = SnapshotBody {
-                last_applied: applied.0,
-                membership: applied.1.clone(),
-                state: state.clone(),
-            };
-            (
-                bincode::serialize(&body).map_err(|e| sm_err(&e))?,
-                applied.0,
-                applied.1.clone(),
-            )
-        };
-        let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.group),
-            None => format!("empty-{}", self.group),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        self.store_snapshot(&stored)?;
+        let store = self.clone();
+        let (stored, data) = blocking(move || {
+            let _serial = store
+                .shared
+                .snapshot_store
+                .lock()
+                .expect("snapshot store lock");
+            let seq = store.next_seq()?;
+            let (stored, data) = store.checkpoint_group(seq, None)?;
+            store.record(&stored)?;
+            Ok::<_, StorageError<NodeId>>((stored, data))
+        })?;
         Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(data)),
         })
     }
 }
@@ -242,7 +369,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         {
             let mut state = self.shared.state.write().expect("state lock");
             let mut applied = self.shared.applied.write().expect("applied lock");
+            let mut any = false;
             for entry in entries {
+                any = true;
                 applied.0 = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => results.push(Vec::new()),
@@ -262,6 +391,28 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         results.push(Vec::new());
                     }
                 }
+            }
+            if any {
+                // The rows and the applied row in one batch, behind these entries' own
+                // appends: rows on disk are always a state at the index they name. Unsynced:
+                // the log is what is durable; these ride the next fsync.
+                let mut rows = Vec::new();
+                state.drain_changes(&mut rows);
+                let mut ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
+                ops.push(LogOp::Put {
+                    cf: CF_STATE,
+                    key: applied_key(self.group),
+                    value: bincode::serialize(&*applied).map_err(|e| sm_err(&e))?,
+                });
+                self.engine.submit(LogJob {
+                    ops,
+                    sync: false,
+                    done: Box::new(|r| {
+                        if let Err(e) = r {
+                            tracing::error!("writing state rows: {e}");
+                        }
+                    }),
+                });
             }
         }
         for key in woken {
@@ -284,19 +435,61 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StResult<()> {
         let data = snapshot.into_inner();
-        let body: SnapshotBody = bincode::deserialize(&data).map_err(|e| sm_err(&e))?;
-        self.store_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
+        let SnapshotRows { rows } = bincode::deserialize(&data).map_err(|e| sm_err(&e))?;
+        let (from, to) = group_rows(self.group);
+        let applied_key = applied_key(self.group);
+        let mut rows: Vec<(Vec<u8>, Vec<u8>)> = rows
+            .into_iter()
+            .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .filter(|(k, _)| *k != applied_key)
+            .collect();
+        if let Some((k, _)) = rows.iter().find(|(k, _)| *k < from || *k >= to) {
+            return Err(sm_err(&std::io::Error::other(format!(
+                "snapshot for group {} holds a row of another group: {}",
+                self.group,
+                hex::encode(k)
+            ))));
+        }
+        let applied: Applied = (meta.last_log_id, meta.last_membership.clone());
+        rows.push((
+            applied_key,
+            bincode::serialize(&applied).map_err(|e| sm_err(&e))?,
+        ));
+        rows.sort();
+        // Parsed before anything is replaced: a bad snapshot leaves the group as it was.
+        let (state, _) = state_of_rows(self.group, self.data_groups, &rows)?;
+        let mut ops = vec![LogOp::DeleteRange {
+            cf: CF_STATE,
+            from,
+            to,
+        }];
+        ops.extend(rows.into_iter().map(|(key, value)| LogOp::Put {
+            cf: CF_STATE,
+            key,
+            value,
+        }));
+        self.write_ordered(ops).await?;
+        {
+            // Both under their locks at once (state, then applied, as everywhere): a reader
+            // must never pair the new state with the old applied index.
+            let mut s = self.shared.state.write().expect("state lock");
+            let mut a = self.shared.applied.write().expect("applied lock");
+            *s = state;
+            *a = applied;
+        }
+        // This node's own checkpoint of what it installed, to serve as its current snapshot.
+        let store = self.clone();
+        let snapshot_id = meta.snapshot_id.clone();
+        blocking(move || {
+            let _serial = store
+                .shared
+                .snapshot_store
+                .lock()
+                .expect("snapshot store lock");
+            let seq = store.next_seq()?;
+            let (stored, _) = store.checkpoint_group(seq, Some(snapshot_id))?;
+            store.record(&stored)
         })?;
-        // Both under their locks at once (state, then applied, as everywhere): a snapshot build
-        // must never pair the new state with the old applied index.
-        let mut state = self.shared.state.write().expect("state lock");
-        let mut applied = self.shared.applied.write().expect("applied lock");
-        *state = body.state;
-        *applied = (meta.last_log_id, meta.last_membership.clone());
-        drop(applied);
-        drop(state);
         self.shared
             .snapshots_installed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -304,11 +497,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
-        Ok(
-            Self::load_snapshot(self.group, self.engine.as_ref())?.map(|s| Snapshot {
-                meta: s.meta,
-                snapshot: Box::new(Cursor::new(s.data)),
-            }),
-        )
+        let store = self.clone();
+        blocking(move || {
+            let _serial = store
+                .shared
+                .snapshot_store
+                .lock()
+                .expect("snapshot store lock");
+            let Some(stored) = store.load_record()? else {
+                return Ok(None);
+            };
+            let (from, to) = group_rows(store.group);
+            let rows = store
+                .engine
+                .scan_checkpoint(&stored.checkpoint, CF_STATE, &from, &to)
+                .map_err(|e| snap_err(&e))?;
+            Ok(Some(Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(Cursor::new(encode_rows(rows)?)),
+            }))
+        })
     }
 }

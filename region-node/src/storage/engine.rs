@@ -22,6 +22,9 @@ use crate::error::NodeError;
 pub const CF_LOG: &str = "log";
 pub const CF_META: &str = "meta";
 pub const CF_SNAPSHOT: &str = "snapshot";
+/// The groups' state machines as rows (`queue::rows`), written after every apply.
+pub const CF_STATE: &str = "state";
+const ALL_CFS: [&str; 4] = [CF_LOG, CF_META, CF_SNAPSHOT, CF_STATE];
 
 /// One change to a column family.
 pub enum LogOp {
@@ -29,6 +32,10 @@ pub enum LogOp {
         cf: &'static str,
         key: Vec<u8>,
         value: Vec<u8>,
+    },
+    Delete {
+        cf: &'static str,
+        key: Vec<u8>,
     },
     DeleteRange {
         cf: &'static str,
@@ -91,6 +98,22 @@ pub trait StorageEngine: Send + Sync + 'static {
     fn disk_low(&self) -> bool {
         false
     }
+    /// Makes checkpoint `name`: a durable copy of the whole database as it is now, which
+    /// later writes do not change. Everything written before it (synced or not) is durable
+    /// once it returns. RocksDB: memtables flushed, table files hard-linked.
+    fn checkpoint(&self, name: &str) -> io::Result<()>;
+    /// Entries of `cf` with keys in `[from, to)` of checkpoint `name`, ascending.
+    fn scan_checkpoint(
+        &self,
+        name: &str,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Deletes checkpoint `name`; no error if there is none.
+    fn remove_checkpoint(&self, name: &str) -> io::Result<()>;
+    /// The names of the checkpoints there are.
+    fn checkpoints(&self) -> io::Result<Vec<String>>;
 }
 
 fn io_err(e: rocksdb::Error) -> io::Error {
@@ -99,6 +122,8 @@ fn io_err(e: rocksdb::Error) -> io::Error {
 
 pub struct Engine {
     db: Arc<DB>,
+    /// Where checkpoints live: `checkpoints/` inside the database directory.
+    checkpoint_root: std::path::PathBuf,
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<LogJob>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
@@ -120,7 +145,7 @@ impl Engine {
         // toward a majority for entries it no longer has. An operator then wipes the node's
         // data and it resyncs from its peers.
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
-        let cfs = [CF_LOG, CF_META, CF_SNAPSHOT]
+        let cfs = ALL_CFS
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)
@@ -145,8 +170,13 @@ impl Engine {
             .name("log-writer".into())
             .spawn(move || run_writer(writer_db, rx, m, space))
             .map_err(|e| NodeError::Storage(format!("spawn log writer: {e}")))?;
+        let checkpoint_root = path.join("checkpoints");
+        std::fs::create_dir_all(&checkpoint_root).map_err(|e| {
+            NodeError::Storage(format!("create {}: {e}", checkpoint_root.display()))
+        })?;
         Ok(Self {
             db,
+            checkpoint_root,
             writer: Some(tx),
             writer_thread: Some(thread),
             metrics,
@@ -240,10 +270,79 @@ impl StorageEngine for Engine {
     fn flush(&self) -> io::Result<()> {
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
-        for name in [CF_LOG, CF_META, CF_SNAPSHOT] {
+        for name in ALL_CFS {
             self.db.flush_cf_opt(self.cf(name), &fo).map_err(io_err)?;
         }
         Ok(())
+    }
+
+    fn checkpoint(&self, name: &str) -> io::Result<()> {
+        let dir = self.checkpoint_dir(name)?;
+        if dir.exists() {
+            // A leftover of a crash during an earlier attempt: RocksDB wants a new directory.
+            std::fs::remove_dir_all(&dir)?;
+        }
+        // Flushes the memtables first (log size for flush 0), so the copy needs no WAL.
+        rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .and_then(|c| c.create_checkpoint(&dir))
+            .map_err(io_err)?;
+        // The directory entry itself must survive a power cut.
+        std::fs::File::open(&self.checkpoint_root)?.sync_all()
+    }
+
+    fn scan_checkpoint(
+        &self,
+        name: &str,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let dir = self.checkpoint_dir(name)?;
+        let mut opts = Options::default();
+        opts.set_paranoid_checks(true);
+        let db = DB::open_cf_for_read_only(&opts, &dir, ALL_CFS, false).map_err(io_err)?;
+        let handle = db
+            .cf_handle(cf)
+            .ok_or_else(|| io::Error::other(format!("checkpoint {name} lacks {cf}")))?;
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_verify_checksums(true);
+        ro.fill_cache(false);
+        let mut out = Vec::new();
+        for item in db.iterator_cf_opt(handle, ro, IteratorMode::From(from, Direction::Forward)) {
+            let (k, v) = item.map_err(io_err)?;
+            if &*k >= to {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn remove_checkpoint(&self, name: &str) -> io::Result<()> {
+        match std::fs::remove_dir_all(self.checkpoint_dir(name)?) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    fn checkpoints(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.checkpoint_root)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+impl Engine {
+    fn checkpoint_dir(&self, name: &str) -> io::Result<std::path::PathBuf> {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(io::Error::other(format!("bad checkpoint name {name:?}")));
+        }
+        Ok(self.checkpoint_root.join(name))
     }
 }
 
@@ -252,7 +351,7 @@ impl StorageEngine for Engine {
 /// later in the middle of a Raft read. The log is bounded by snapshots, so this costs about as
 /// much as the replay a restart does anyway.
 fn verify_checksums(db: &DB) -> Result<(), rocksdb::Error> {
-    for name in [CF_LOG, CF_META, CF_SNAPSHOT] {
+    for name in ALL_CFS {
         let cf = db
             .cf_handle(name)
             .expect("column families are created at open");
@@ -272,6 +371,9 @@ fn batch_of(db: &DB, ops: Vec<LogOp>) -> WriteBatch {
         match op {
             LogOp::Put { cf, key, value } => {
                 batch.put_cf(db.cf_handle(cf).expect("known column family"), key, value)
+            }
+            LogOp::Delete { cf, key } => {
+                batch.delete_cf(db.cf_handle(cf).expect("known column family"), key)
             }
             LogOp::DeleteRange { cf, from, to } => {
                 batch.delete_range_cf(db.cf_handle(cf).expect("known column family"), from, to)

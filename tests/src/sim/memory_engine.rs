@@ -13,7 +13,7 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_region_node::storage::{LogJob, LogOp, StorageEngine, StorageMetrics};
+use meridian_region_node::storage::{LogJob, LogOp, StorageEngine, StorageMetrics, CF_STATE};
 
 type Key = (&'static str, Vec<u8>);
 type Table = BTreeMap<Key, Vec<u8>>;
@@ -31,6 +31,9 @@ struct Disk {
     sync_scheduled: bool,
     /// Bumped by every boot, so an old boot's sync task cannot complete a new boot's jobs.
     boot: u64,
+    /// Checkpoints by name: durable copies of the state column family (all the project reads
+    /// from a checkpoint), which survive crashes.
+    checkpoints: BTreeMap<String, Table>,
 }
 
 /// Keys of `cf` in `[from, to)`.
@@ -45,6 +48,9 @@ fn apply(table: &mut Table, op: &LogOp) {
     match op {
         LogOp::Put { cf, key, value } => {
             table.insert((cf, key.clone()), value.clone());
+        }
+        LogOp::Delete { cf, key } => {
+            table.remove(&(*cf, key.clone()));
         }
         LogOp::DeleteRange { cf, from, to } => {
             let doomed: Vec<Key> = table
@@ -83,6 +89,7 @@ pub struct MemoryEngine {
     /// A broken disk for the checker's own test: group-commit jobs are reported durable as
     /// soon as they are written; the sync comes later (what a lazy-fsync broker does).
     pub acks_before_sync: bool,
+    pub checkpoints_made: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryEngine {
@@ -92,6 +99,7 @@ impl MemoryEngine {
             fsync_latency,
             metrics: StorageMetrics::default(),
             acks_before_sync,
+            checkpoints_made: Default::default(),
         })
     }
 
@@ -213,5 +221,57 @@ impl StorageEngine for SharedMemoryEngine {
 
     fn metrics(&self) -> &StorageMetrics {
         &self.0.metrics
+    }
+
+    fn checkpoint(&self, name: &str) -> io::Result<()> {
+        let mut d = self.0.disk.lock().unwrap();
+        // RocksDB flushes its memtables into the checkpoint's table files: everything
+        // written so far is durable afterwards, synced or not.
+        d.sync();
+        let copy: Table = d
+            .durable
+            .range(key_range(CF_STATE, &[], &[0xff; 8]))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        d.checkpoints.insert(name.to_string(), copy);
+        self.0
+            .checkpoints_made
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn scan_checkpoint(
+        &self,
+        name: &str,
+        cf: &'static str,
+        from: &[u8],
+        to: &[u8],
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let d = self.0.disk.lock().unwrap();
+        let table = d
+            .checkpoints
+            .get(name)
+            .ok_or_else(|| io::Error::other(format!("no checkpoint {name}")))?;
+        Ok(table
+            .range(key_range(cf, from, to))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn remove_checkpoint(&self, name: &str) -> io::Result<()> {
+        self.0.disk.lock().unwrap().checkpoints.remove(name);
+        Ok(())
+    }
+
+    fn checkpoints(&self) -> io::Result<Vec<String>> {
+        Ok(self
+            .0
+            .disk
+            .lock()
+            .unwrap()
+            .checkpoints
+            .keys()
+            .cloned()
+            .collect())
     }
 }

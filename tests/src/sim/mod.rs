@@ -130,6 +130,8 @@ pub struct SimReport {
     pub deletes_acked: u64,
     pub nemesis_events: u64,
     pub leader_changes: u64,
+    /// Snapshot checkpoints made (built or installed) by all nodes.
+    pub checkpoints: u64,
     pub violations: Vec<String>,
     /// Hash of everything observable that happened, in order: equal for equal seeds.
     pub trace_hash: u64,
@@ -181,7 +183,7 @@ impl std::fmt::Display for SimReport {
         write!(
             f,
             "seed {}: {} simulated ms, sends acked {} unknown {}, deliveries {}, deletes acked {}, \
-             nemesis actions {}, leaders {}, violations {}, trace {:016x}",
+             nemesis actions {}, leaders {}, checkpoints {}, violations {}, trace {:016x}",
             self.seed,
             self.simulated_ms,
             self.sends_acked,
@@ -190,6 +192,7 @@ impl std::fmt::Display for SimReport {
             self.deletes_acked,
             self.nemesis_events,
             self.leader_changes,
+            self.checkpoints,
             self.violations.len(),
             self.trace_hash
         )?;
@@ -829,6 +832,14 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     report.simulated_ms = d.now_ms();
     report.nemesis_events = d.nemesis_events;
     report.leader_changes = d.inv.events.len() as u64;
+    report.checkpoints = shared
+        .engines
+        .values()
+        .map(|e| {
+            e.checkpoints_made
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
     report.violations.extend(d.inv.violations.iter().cloned());
     let h = shared.history.lock().unwrap();
     report.sends_acked = h

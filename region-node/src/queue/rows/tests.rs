@@ -4,12 +4,16 @@
 
 use std::collections::BTreeMap;
 
-use meridian_api::limits::{DeadLetterPolicy, DeadLetterTrigger, QueueAttributes, QueueAttributesPatch};
+use meridian_api::limits::{
+    DeadLetterPolicy, DeadLetterTrigger, QueueAttributes, QueueAttributesPatch,
+};
 use meridian_api::topics::{FilterType, NotifyFormat, NotifyStrategy, Protocol};
 use proptest::prelude::*;
 
 use super::{group_rows, RowOp};
-use crate::command::{Command, Op, OpResult, PushOutcome, PushResult, QueueKey, Receipt, TransferItem};
+use crate::command::{
+    Command, Op, OpResult, PushOutcome, PushResult, QueueKey, Receipt, TransferItem,
+};
 use crate::queue::GroupState;
 use crate::topic::SubscriptionSpec;
 
@@ -32,9 +36,7 @@ fn write(table: &mut BTreeMap<Vec<u8>, Vec<u8>>, ops: Vec<RowOp>) {
 
 fn reload(table: &BTreeMap<Vec<u8>, Vec<u8>>) -> GroupState {
     let (from, to) = group_rows(1);
-    let rows = table
-        .range(from..to)
-        .map(|(k, v)| (k.clone(), v.clone()));
+    let rows = table.range(from..to).map(|(k, v)| (k.clone(), v.clone()));
     GroupState::from_rows(1, 2, rows).expect("rows parse")
 }
 
@@ -222,11 +224,19 @@ fn a_malformed_row_is_an_error_not_a_panic() {
     let mut s = GroupState::new(1, 2);
     s.apply(&Command {
         now_ms: T0,
-        op: Op::CreateQueue { tenant: "".into(), name: "a".into(), attrs: QueueAttributes::default() },
+        op: Op::CreateQueue {
+            tenant: "".into(),
+            name: "a".into(),
+            attrs: QueueAttributes::default(),
+        },
     });
     s.apply(&Command {
         now_ms: T0,
-        op: Op::Send { key: key("a"), bodies: vec![b"x".to_vec()], delay_seconds: 0 },
+        op: Op::Send {
+            key: key("a"),
+            bodies: vec![b"x".to_vec()],
+            delay_seconds: 0,
+        },
     });
     let mut table = BTreeMap::new();
     write(&mut table, s.all_rows());
@@ -236,12 +246,20 @@ fn a_malformed_row_is_an_error_not_a_panic() {
         let rows = broken.into_iter();
         // Bodies are raw bytes: any value is a valid body.
         if k[4] != b'b' {
-            assert!(GroupState::from_rows(1, 2, rows).is_err(), "{}", hex::encode(&k));
+            assert!(
+                GroupState::from_rows(1, 2, rows).is_err(),
+                "{}",
+                hex::encode(&k)
+            );
         }
         let mut missing = table.clone();
         missing.remove(&k);
         if k[4] == b'b' || k[4] == b'q' {
-            assert!(GroupState::from_rows(1, 2, missing).is_err(), "{}", hex::encode(&k));
+            assert!(
+                GroupState::from_rows(1, 2, missing).is_err(),
+                "{}",
+                hex::encode(&k)
+            );
         }
     }
 }
