@@ -278,14 +278,23 @@ impl StorageEngine for Engine {
 
     fn checkpoint(&self, name: &str) -> io::Result<()> {
         let dir = self.checkpoint_dir(name)?;
-        if dir.exists() {
-            // A leftover of a crash during an earlier attempt: RocksDB wants a new directory.
-            std::fs::remove_dir_all(&dir)?;
+        // Leftovers of a crash during an earlier attempt (RocksDB builds `<name>.tmp`, then
+        // renames it): it wants neither to exist.
+        for leftover in [dir.clone(), dir.with_extension("tmp")] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(&leftover)?;
+            }
         }
-        // Flushes the memtables first (log size for flush 0), so the copy needs no WAL.
+        // Memtables into table files first, so the checkpoint is hard links plus a short WAL
+        // (RocksDB 10 copies the WAL instead of flushing, and the WAL holds every recent
+        // log entry of every group).
+        self.flush()?;
         rocksdb::checkpoint::Checkpoint::new(&self.db)
             .and_then(|c| c.create_checkpoint(&dir))
             .map_err(io_err)?;
+        // Whatever the checkpoint holds, the live database must hold durably too: logs up to
+        // its index are purged next.
+        self.db.flush_wal(true).map_err(io_err)?;
         // The directory entry itself must survive a power cut.
         std::fs::File::open(&self.checkpoint_root)?.sync_all()
     }
@@ -339,7 +348,9 @@ impl StorageEngine for Engine {
 
 impl Engine {
     fn checkpoint_dir(&self, name: &str) -> io::Result<std::path::PathBuf> {
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        // Plain names only (`.tmp` leftovers included): never a path out of the directory.
+        let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_';
+        if name.is_empty() || name.starts_with('.') || !name.bytes().all(plain) {
             return Err(io::Error::other(format!("bad checkpoint name {name:?}")));
         }
         Ok(self.checkpoint_root.join(name))
