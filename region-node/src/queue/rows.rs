@@ -58,6 +58,12 @@ fn malformed(key: &[u8], why: impl std::fmt::Display) -> RowError {
     }
 }
 
+fn row_op_key(op: &RowOp) -> &[u8] {
+    match op {
+        RowOp::Put(k, _) | RowOp::Delete(k) | RowOp::DeleteRange(k, _) => k,
+    }
+}
+
 /// `[from, to)` covering every row of `group`.
 pub fn group_rows(group: u32) -> (Vec<u8>, Vec<u8>) {
     (
@@ -167,15 +173,42 @@ fn decode<'de, T: Deserialize<'de>>(key: &[u8], v: &'de [u8]) -> Result<T, RowEr
 }
 
 impl GroupState {
-    /// Appends the row changes since the last call to `out`, and forgets them.
+    /// Appends the row changes since the last call to `out`, and forgets them: range
+    /// deletions first, then every other change in ascending key order (each key at most once,
+    /// so the order changes nothing but speed: RocksDB's memtable inserts ascending keys of one
+    /// batch without searching its skip list from the top for each; interleaved header and
+    /// body rows made that search a fifth of a node's CPU in the many-queues benchmark).
     pub fn drain_changes(&mut self, out: &mut Vec<RowOp>) {
+        let ranges_end = out.len();
+        self.drain_unordered(out);
+        let mut ranges = Vec::new();
+        let mut keyed = Vec::new();
+        for op in out.drain(ranges_end..) {
+            match op {
+                RowOp::DeleteRange(..) => ranges.push(op),
+                op => keyed.push(op),
+            }
+        }
+        keyed.sort_by(|a, b| row_op_key(a).cmp(row_op_key(b)));
+        out.extend(ranges);
+        out.extend(keyed);
+    }
+
+    fn drain_unordered(&mut self, out: &mut Vec<RowOp>) {
         let g = self.group;
-        for key in std::mem::take(&mut self.changes.removed_queues) {
+        let mut removed = std::mem::take(&mut self.changes.removed_queues);
+        removed.sort_unstable();
+        removed.dedup();
+        for key in removed {
             for tag in [TAG_BODY, TAG_HEADER] {
                 let (from, to) = queue_range(g, tag, &key);
                 out.push(RowOp::DeleteRange(from, to));
             }
-            out.push(RowOp::Delete(row_key(g, TAG_QUEUE, Some(&key), None)));
+            // Created again since: its new queue row replaces the old one below (a delete
+            // here too would be a second change of one key, in no defined order).
+            if !self.queues.contains_key(&key) {
+                out.push(RowOp::Delete(row_key(g, TAG_QUEUE, Some(&key), None)));
+            }
         }
         for (key, q) in &mut self.queues {
             let changes = std::mem::take(&mut q.changes);

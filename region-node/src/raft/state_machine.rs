@@ -399,12 +399,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 // the log is what is durable; these ride the next fsync.
                 let mut rows = Vec::new();
                 state.drain_changes(&mut rows);
-                let mut ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
-                ops.push(LogOp::Put {
-                    cf: CF_STATE,
-                    key: applied_key(self.group),
-                    value: bincode::serialize(&*applied).map_err(|e| sm_err(&e))?,
-                });
+                // The applied row sorts first of the group's rows (its tag is `a`), so
+                // putting it first keeps the batch in key order.
+                let first_keyed = rows
+                    .iter()
+                    .position(|op| !matches!(op, RowOp::DeleteRange(..)))
+                    .unwrap_or(rows.len());
+                let applied_row = RowOp::Put(
+                    applied_key(self.group),
+                    bincode::serialize(&*applied).map_err(|e| sm_err(&e))?,
+                );
+                rows.insert(first_keyed, applied_row);
+                let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
                 self.engine.submit(LogJob {
                     ops,
                     sync: false,

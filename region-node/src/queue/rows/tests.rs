@@ -199,6 +199,18 @@ proptest! {
                 Step::Flush => {
                     let mut ops = Vec::new();
                     s.drain_changes(&mut ops);
+                    let keys: Vec<&Vec<u8>> = ops
+                        .iter()
+                        .filter_map(|op| match op {
+                            RowOp::Put(k, _) | RowOp::Delete(k) => Some(k),
+                            RowOp::DeleteRange(..) => None,
+                        })
+                        .collect();
+                    prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "rows in ascending key order, each once");
+                    prop_assert!(
+                        ops.iter().skip_while(|op| matches!(op, RowOp::DeleteRange(..))).all(|op| !matches!(op, RowOp::DeleteRange(..))),
+                        "range deletions first"
+                    );
                     write(&mut table, ops);
                     prop_assert_eq!(&reload(&table), &s);
                     None
