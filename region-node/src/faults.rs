@@ -141,12 +141,7 @@ impl StorageEngine for FaultyStorage {
             // Synchronous writes (votes, snapshots) are called from async tasks: let the runtime
             // move its other work (the FaultService that frees the disk, among others) away
             // from this thread while it waits.
-            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                    tokio::task::block_in_place(|| self.faults.wait_for_space())
-                }
-                _ => self.faults.wait_for_space(),
-            }
+            crate::storage::run_blocking(|| self.faults.wait_for_space());
         }
         self.inner.write(ops, sync)
     }

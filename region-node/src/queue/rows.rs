@@ -276,7 +276,8 @@ impl GroupState {
         out.push(RowOp::Put(row_key(g, TAG_REST, None, None), encode(&rest)));
     }
 
-    /// Every row of the state, as a fresh write (what a restore from scratch needs).
+    /// Every row of the state, as a fresh write: what incremental writes must add up to.
+    #[cfg(test)]
     pub fn all_rows(&self) -> Vec<RowOp> {
         let mut copy = self.clone();
         for q in copy.queues.values_mut() {
@@ -297,9 +298,9 @@ impl GroupState {
 
     /// Rebuilds the state of `group` from its rows (ascending, as a scan returns them; rows of
     /// other groups and the applied row are ignored). No rows: a new, empty group.
-    pub fn from_rows<I>(group: u32, data_groups: u32, rows: I) -> Result<Self, RowError>
+    pub fn from_rows<'a, I>(group: u32, data_groups: u32, rows: I) -> Result<Self, RowError>
     where
-        I: IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+        I: IntoIterator<Item = (&'a [u8], &'a [u8])>,
     {
         let mut state = GroupState::new(group, data_groups);
         let prefix = group.to_be_bytes();
@@ -310,21 +311,21 @@ impl GroupState {
                 continue;
             };
             let Some((&tag, after)) = rest.split_first() else {
-                return Err(malformed(&k, "no tag"));
+                return Err(malformed(k, "no tag"));
             };
             match tag {
                 TAG_APPLIED => {}
                 TAG_BODY => {
-                    let (key, seq) = parse_queue_key(&k, after, true)?;
-                    bodies.insert((key, seq), v);
+                    let (key, seq) = parse_queue_key(k, after, true)?;
+                    bodies.insert((key, seq), v.to_vec());
                 }
                 TAG_HEADER => {
-                    let (key, seq) = parse_queue_key(&k, after, true)?;
-                    headers.entry(key).or_default().push((seq, decode(&k, &v)?));
+                    let (key, seq) = parse_queue_key(k, after, true)?;
+                    headers.entry(key).or_default().push((seq, decode(k, v)?));
                 }
                 TAG_QUEUE => {
-                    let (key, _) = parse_queue_key(&k, after, false)?;
-                    let m: QueueMeta = decode(&k, &v)?;
+                    let (key, _) = parse_queue_key(k, after, false)?;
+                    let m: QueueMeta = decode(k, v)?;
                     let mut q = Queue::new(
                         m.queue_id.into_owned(),
                         m.name.into_owned(),
@@ -335,10 +336,10 @@ impl GroupState {
                     state.queues.insert(key, q);
                 }
                 TAG_REST => {
-                    let r: Rest = decode(&k, &v)?;
+                    let r: Rest = decode(k, v)?;
                     if (r.group, r.data_groups) != (group, data_groups) {
                         return Err(malformed(
-                            &k,
+                            k,
                             format!(
                                 "rows are of group {} of {}, not group {group} of {data_groups}",
                                 r.group, r.data_groups
@@ -358,11 +359,11 @@ impl GroupState {
                     state.next_subscription_num = r.next_subscription_num;
                 }
                 TAG_TOPIC => {
-                    let (key, _) = parse_queue_key(&k, after, false)?;
-                    let t: Topic = decode(&k, &v)?;
+                    let (key, _) = parse_queue_key(k, after, false)?;
+                    let t: Topic = decode(k, v)?;
                     state.topics.insert(key, t);
                 }
-                _ => return Err(malformed(&k, format!("unknown tag {tag:#x}"))),
+                _ => return Err(malformed(k, format!("unknown tag {tag:#x}"))),
             }
         }
         for (key, list) in headers {

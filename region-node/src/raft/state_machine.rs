@@ -21,7 +21,9 @@ use tokio::sync::Notify;
 use super::{NodeId, TypeConfig};
 use crate::command::{Op, OpResult, QueueKey};
 use crate::queue::{group_rows, GroupState, RowOp, TAG_APPLIED};
-use crate::storage::{group_key, LogJob, LogOp, StorageEngine, CF_SNAPSHOT, CF_STATE};
+use crate::storage::{
+    group_key, run_blocking, LogJob, LogOp, StorageEngine, CF_SNAPSHOT, CF_STATE,
+};
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
@@ -162,19 +164,24 @@ fn to_log_op(op: RowOp) -> LogOp {
     }
 }
 
+/// The applied position that `rows` (one group's) hold.
+fn applied_of_rows(group: u32, rows: &[(Vec<u8>, Vec<u8>)]) -> StResult<Applied> {
+    let applied_key = applied_key(group);
+    match rows.iter().find(|(k, _)| *k == applied_key) {
+        Some((_, v)) => bincode::deserialize(v).map_err(|e| sm_err(&e)),
+        None => Ok((None, Membership::default())),
+    }
+}
+
 /// The state and applied position that `rows` (one group's, ascending) hold.
 fn state_of_rows(
     group: u32,
     data_groups: u32,
     rows: &[(Vec<u8>, Vec<u8>)],
 ) -> StResult<(GroupState, Applied)> {
-    let applied_key = applied_key(group);
-    let applied = match rows.iter().find(|(k, _)| *k == applied_key) {
-        Some((_, v)) => bincode::deserialize(v).map_err(|e| sm_err(&e))?,
-        None => (None, Membership::default()),
-    };
-    let state =
-        GroupState::from_rows(group, data_groups, rows.iter().cloned()).map_err(|e| sm_err(&e))?;
+    let applied = applied_of_rows(group, rows)?;
+    let borrowed = rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
+    let state = GroupState::from_rows(group, data_groups, borrowed).map_err(|e| sm_err(&e))?;
     Ok((state, applied))
 }
 
@@ -223,13 +230,21 @@ impl StateMachineStore {
             .transpose()
     }
 
-    /// Makes a checkpoint and reads this group's snapshot out of it: the rows, and the meta
-    /// their applied row gives. Called with `snapshot_store` held.
-    fn checkpoint_group(
+    /// Makes a checkpoint and records it as the group's snapshot, unless a newer one is
+    /// recorded (a slow build racing an install must not replace it: logs up to the newer one
+    /// may already be purged); then drops the checkpoint no longer named. Returns the
+    /// snapshot's meta (from the checkpoint's own applied row) and its rows, encoded.
+    fn take_snapshot(
         &self,
-        seq: u64,
         snapshot_id: Option<String>,
-    ) -> StResult<(StoredSnapshot, Vec<u8>)> {
+    ) -> StResult<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)> {
+        let _serial = self
+            .shared
+            .snapshot_store
+            .lock()
+            .expect("snapshot store lock");
+        let previous = self.load_record()?;
+        let seq = previous.as_ref().map_or(1, |r| r.seq + 1);
         let name = format!("g{}-{seq}", self.group);
         self.engine.checkpoint(&name).map_err(|e| sm_err(&e))?;
         let (from, to) = group_rows(self.group);
@@ -237,7 +252,7 @@ impl StateMachineStore {
             .engine
             .scan_checkpoint(&name, CF_STATE, &from, &to)
             .map_err(|e| snap_err(&e))?;
-        let (_, (last_applied, membership)) = state_of_rows(self.group, self.data_groups, &rows)?;
+        let (last_applied, membership) = applied_of_rows(self.group, &rows)?;
         let snapshot_id = snapshot_id.unwrap_or_else(|| match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.group),
             None => format!("empty-{}", self.group),
@@ -248,48 +263,30 @@ impl StateMachineStore {
             snapshot_id,
         };
         let data = encode_rows(rows)?;
-        Ok((
-            StoredSnapshot {
-                meta,
-                checkpoint: name,
-                seq,
-            },
-            data,
-        ))
-    }
-
-    /// Records `stored` as the group's snapshot unless a newer one is recorded (a slow build
-    /// racing an install must not replace it: logs up to the newer one may already be
-    /// purged), then drops the checkpoint that is no longer named. Called with
-    /// `snapshot_store` held.
-    fn record(&self, stored: &StoredSnapshot) -> StResult<()> {
-        let previous = self.load_record()?;
-        if let Some(current) = &previous {
-            if current.meta.last_log_id > stored.meta.last_log_id {
-                return self
-                    .engine
-                    .remove_checkpoint(&stored.checkpoint)
-                    .map_err(|e| sm_err(&e));
+        let stale = match &previous {
+            Some(current) if current.meta.last_log_id > meta.last_log_id => Some(name),
+            _ => {
+                let stored = StoredSnapshot {
+                    meta: meta.clone(),
+                    checkpoint: name,
+                    seq,
+                };
+                let op = LogOp::Put {
+                    cf: CF_SNAPSHOT,
+                    key: group_key(self.group, KEY_SNAPSHOT),
+                    value: bincode::serialize(&stored).map_err(|e| sm_err(&e))?,
+                };
+                // Synced: logs up to this snapshot may be purged right after.
+                self.engine.write(vec![op], true).map_err(|e| sm_err(&e))?;
+                previous.map(|p| p.checkpoint)
             }
-        }
-        let value = bincode::serialize(stored).map_err(|e| sm_err(&e))?;
-        let op = LogOp::Put {
-            cf: CF_SNAPSHOT,
-            key: group_key(self.group, KEY_SNAPSHOT),
-            value,
         };
-        // Synced: logs up to this snapshot may be purged right after.
-        self.engine.write(vec![op], true).map_err(|e| sm_err(&e))?;
-        if let Some(p) = previous {
+        if let Some(stale) = stale {
             self.engine
-                .remove_checkpoint(&p.checkpoint)
+                .remove_checkpoint(&stale)
                 .map_err(|e| sm_err(&e))?;
         }
-        Ok(())
-    }
-
-    fn next_seq(&self) -> StResult<u64> {
-        Ok(self.load_record()?.map_or(1, |r| r.seq + 1))
+        Ok((meta, data))
     }
 
     /// Writes `ops` behind everything queued before (state rows of earlier applies among
@@ -310,16 +307,6 @@ impl StateMachineStore {
     }
 }
 
-/// Runs disk work (a checkpoint flushes memtables) without stalling the other tasks of a
-/// multi-threaded runtime; inline on a single-threaded one, as a deterministic simulation
-/// has, where a thread pool would make timing, and so the run, depend on the OS.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 fn encode_rows(rows: Vec<(Vec<u8>, Vec<u8>)>) -> StResult<Vec<u8>> {
     let rows = rows
         .into_iter()
@@ -334,20 +321,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
         // Behind the rows of every apply so far, so the snapshot is as recent as openraft asks.
         self.write_ordered(Vec::new()).await?;
-        let store = self.clone();
-        let (stored, data) = blocking(move || {
-            let _serial = store
-                .shared
-                .snapshot_store
-                .lock()
-                .expect("snapshot store lock");
-            let seq = store.next_seq()?;
-            let (stored, data) = store.checkpoint_group(seq, None)?;
-            store.record(&stored)?;
-            Ok::<_, StorageError<NodeId>>((stored, data))
-        })?;
+        let (meta, data) = run_blocking(|| self.take_snapshot(None))?;
         Ok(Snapshot {
-            meta: stored.meta,
+            meta,
             snapshot: Box::new(Cursor::new(data)),
         })
     }
@@ -397,19 +373,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 // The rows and the applied row in one batch, behind these entries' own
                 // appends: rows on disk are always a state at the index they name. Unsynced:
                 // the log is what is durable; these ride the next fsync.
-                let mut rows = Vec::new();
-                state.drain_changes(&mut rows);
-                // The applied row sorts first of the group's rows (its tag is `a`), so
-                // putting it first keeps the batch in key order.
-                let first_keyed = rows
-                    .iter()
-                    .position(|op| !matches!(op, RowOp::DeleteRange(..)))
-                    .unwrap_or(rows.len());
-                let applied_row = RowOp::Put(
+                // The applied row sorts first of the group's rows (its tag is `a`) and no
+                // range deletion covers it, so the batch stays in key order.
+                let mut rows = vec![RowOp::Put(
                     applied_key(self.group),
                     bincode::serialize(&*applied).map_err(|e| sm_err(&e))?,
-                );
-                rows.insert(first_keyed, applied_row);
+                )];
+                state.drain_changes(&mut rows);
                 let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
                 self.engine.submit(LogJob {
                     ops,
@@ -485,18 +455,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             *a = applied;
         }
         // This node's own checkpoint of what it installed, to serve as its current snapshot.
-        let store = self.clone();
-        let snapshot_id = meta.snapshot_id.clone();
-        blocking(move || {
-            let _serial = store
-                .shared
-                .snapshot_store
-                .lock()
-                .expect("snapshot store lock");
-            let seq = store.next_seq()?;
-            let (stored, _) = store.checkpoint_group(seq, Some(snapshot_id))?;
-            store.record(&stored)
-        })?;
+        run_blocking(|| self.take_snapshot(Some(meta.snapshot_id.clone())))?;
         self.shared
             .snapshots_installed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -504,18 +463,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
-        let store = self.clone();
-        blocking(move || {
-            let _serial = store
+        run_blocking(|| {
+            let _serial = self
                 .shared
                 .snapshot_store
                 .lock()
                 .expect("snapshot store lock");
-            let Some(stored) = store.load_record()? else {
+            let Some(stored) = self.load_record()? else {
                 return Ok(None);
             };
-            let (from, to) = group_rows(store.group);
-            let rows = store
+            let (from, to) = group_rows(self.group);
+            let rows = self
                 .engine
                 .scan_checkpoint(&stored.checkpoint, CF_STATE, &from, &to)
                 .map_err(|e| snap_err(&e))?;
@@ -565,32 +523,21 @@ mod tests {
         }
     }
 
-    /// Waits until the log writer has written everything queued so far.
-    async fn settle(engine: &Arc<dyn StorageEngine>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        engine.submit(LogJob {
-            ops: vec![],
-            sync: true,
-            done: Box::new(move |_| {
-                let _ = tx.send(());
-            }),
-        });
-        rx.await.unwrap();
+    /// A snapshot of everything applied so far (rows are written behind the apply; a build
+    /// takes whatever is written by then, so this first waits for the writer).
+    async fn build(sm: &mut StateMachineStore) -> Snapshot<TypeConfig> {
+        sm.write_ordered(Vec::new()).await.unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap()
     }
 
     fn open(dir: &std::path::Path) -> (Arc<dyn StorageEngine>, StateMachineStore) {
         let engine: Arc<dyn StorageEngine> = Arc::new(Engine::open(dir, 0).unwrap());
         let sm = StateMachineStore::open(1, 1, engine.clone()).unwrap();
         (engine, sm)
-    }
-
-    fn checkpoints(dir: &std::path::Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
     }
 
     #[tokio::test]
@@ -629,50 +576,28 @@ mod tests {
         .await
         .unwrap();
 
-        // Rows are written behind the apply; a build takes whatever is written by then.
-        settle(&engine).await;
-        let first = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let first = build(&mut sm).await;
         assert_eq!(first.meta.last_log_id.map(|l| l.index), Some(4));
-        assert_eq!(checkpoints(a.path()), ["g1-1"]);
+        assert_eq!(engine.checkpoints().unwrap(), ["g1-1"]);
         // A real RocksDB checkpoint: table files of its own (hard links), openable on its own.
-        let tables = std::fs::read_dir(a.path().join("checkpoints/g1-1"))
+        let listing: Vec<String> = std::fs::read_dir(a.path().join("checkpoints/g1-1"))
             .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "sst")
-            })
-            .count();
-        let listing: Vec<_> = std::fs::read_dir(a.path().join("checkpoints/g1-1"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
+        let tables = listing.iter().filter(|n| n.ends_with(".sst")).count();
         assert!(tables > 0, "{listing:?}");
 
         sm.apply(vec![entry(5, vec![send(5)])]).await.unwrap();
-        settle(&engine).await;
-        let second = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let second = build(&mut sm).await;
         assert_eq!(second.meta.last_log_id.map(|l| l.index), Some(5));
         assert_eq!(
-            checkpoints(a.path()),
+            engine.checkpoints().unwrap(),
             ["g1-2"],
             "the older checkpoint is dropped"
         );
 
         sm.apply(vec![entry(6, vec![send(1)])]).await.unwrap();
-        settle(&engine).await;
+        sm.write_ordered(Vec::new()).await.unwrap();
         let before = sm.shared.digest();
         assert_eq!(before.0, 6);
         // A checkpoint nothing records (a crash right after making it) goes at the next open.
@@ -685,7 +610,7 @@ mod tests {
             before,
             "the rows hold the applied state"
         );
-        assert_eq!(checkpoints(a.path()), ["g1-2"]);
+        assert_eq!(engine.checkpoints().unwrap(), ["g1-2"]);
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, second.meta);
 
@@ -698,7 +623,7 @@ mod tests {
             .unwrap();
         let installed = follower.shared.digest();
         assert_eq!(installed.0, 5);
-        assert_eq!(checkpoints(b.path()), ["g1-1"]);
+        assert_eq!(engine_b.checkpoints().unwrap(), ["g1-1"]);
         // The leader at index 5 (its own snapshot, restored) has the same state.
         let c = tempfile::tempdir().unwrap();
         let (_engine_c, mut replay) = open(c.path());

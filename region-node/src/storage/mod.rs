@@ -17,3 +17,14 @@ pub fn group_key(group: u32, suffix: &[u8]) -> Vec<u8> {
     k.extend_from_slice(suffix);
     k
 }
+
+/// Runs blocking disk work from async code without stalling the other tasks of a
+/// multi-threaded runtime (`block_in_place`); inline on a single-threaded one, as a
+/// deterministic simulation has, where a thread pool would make timing, and so the run,
+/// depend on the OS.
+pub fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
