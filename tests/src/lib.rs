@@ -41,13 +41,60 @@ pub fn meridian_bin() -> PathBuf {
     bin
 }
 
-/// A free loopback port (bound then released; the small race is acceptable in tests).
+/// A free loopback port (bound then released). Never the same port twice in one test process:
+/// tests run in parallel threads, and the kernel may hand a just-released port to the next
+/// `bind(0)`. Another process can still take it before the node binds it; [`Region::start_in`]
+/// then starts again on fresh ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// How many times [`Region::start_in`] starts a region on fresh ports when a node could not bind
+/// the one it was given.
+const START_ATTEMPTS: usize = 4;
+
+/// The last `lines` lines of a file, or why it could not be read.
+fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let all: Vec<&str> = s.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// Whether process `pid` (our child) has exited: a zombie not yet reaped, or gone.
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => true,
+    }
+}
+
+/// Why a region did not become ready.
+#[derive(Debug)]
+enum NotReady {
+    /// Node `id` exited; `log` is the end of its log.
+    Exited {
+        id: u64,
+        log: String,
+    },
+    TimedOut,
 }
 
 pub struct NodeProc {
@@ -106,6 +153,35 @@ impl Region {
         lab: Option<netns::Lab>,
         base: &Path,
     ) -> Region {
+        let mut lab = lab;
+        for attempt in 1..=START_ATTEMPTS {
+            let mut region = Self::configure(n, data_groups, &adjust, lab.take(), base);
+            for id in 1..=n {
+                region.spawn(id);
+            }
+            match region.try_wait_ready(Duration::from_secs(60)).await {
+                Ok(()) => return region,
+                Err(NotReady::Exited { id, log })
+                    if attempt < START_ATTEMPTS && log.contains("in use") =>
+                {
+                    eprintln!("node {id} could not bind its port; starting again on fresh ports");
+                    region.stop_all();
+                    lab = region.netns.take();
+                }
+                Err(e) => region.not_ready(e),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Writes the configs of a region of `n` nodes (none started yet).
+    fn configure(
+        n: u64,
+        data_groups: u32,
+        adjust: &impl Fn(&mut NodeConfig),
+        lab: Option<netns::Lab>,
+        base: &Path,
+    ) -> Region {
         let dir = tempfile::Builder::new()
             .prefix("meridian-e2e-")
             .tempdir_in(base)
@@ -155,17 +231,22 @@ impl Region {
                 child: None,
             });
         }
-        let mut region = Region {
+        Region {
             dir,
             nodes,
             data_groups,
             netns: lab,
-        };
-        for id in 1..=n {
-            region.spawn(id);
         }
-        region.wait_ready(Duration::from_secs(60)).await;
-        region
+    }
+
+    /// SIGKILLs every node and reaps it.
+    fn stop_all(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 
     fn node(&mut self, id: u64) -> &mut NodeProc {
@@ -375,16 +456,39 @@ impl Region {
         (delivered, deleted)
     }
 
-    /// Waits until every live node answers a linearizable ListQueue (every group has a leader).
+    /// Waits until every live node answers a linearizable ListQueue (every group has a leader);
+    /// panics with the end of a node's log if one exits meanwhile or time runs out.
     pub async fn wait_ready(&self, timeout: Duration) {
+        if let Err(e) = self.try_wait_ready(timeout).await {
+            self.not_ready(e)
+        }
+    }
+
+    fn not_ready(&self, e: NotReady) -> ! {
+        match e {
+            NotReady::Exited { id, log } => panic!(
+                "region not ready: node {id} exited; see {:?}; its log ends:\n{log}",
+                self.dir.path()
+            ),
+            NotReady::TimedOut => panic!("region not ready: see {:?}", self.dir.path()),
+        }
+    }
+
+    async fn try_wait_ready(&self, timeout: Duration) -> Result<(), NotReady> {
         let deadline = tokio::time::Instant::now() + timeout;
         for id in self.live_ids() {
             loop {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "region not ready: see {:?}",
-                    self.dir.path()
-                );
+                for n in &self.nodes {
+                    if n.child.as_ref().is_some_and(|c| exited(c.id())) {
+                        return Err(NotReady::Exited {
+                            id: n.id,
+                            log: tail(&n.config_path.with_file_name("node.log"), 20),
+                        });
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(NotReady::TimedOut);
+                }
                 if let Some(ch) = self.channel(id).await {
                     let r = QueueServiceClient::new(ch)
                         .list_queue(ListQueueRequest {
@@ -400,17 +504,13 @@ impl Region {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        Ok(())
     }
 }
 
 impl Drop for Region {
     fn drop(&mut self) {
-        for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        self.stop_all();
         if std::thread::panicking() {
             self.keep_logs();
         }
@@ -421,6 +521,11 @@ impl Region {
     /// Keeps the region's data and logs on disk after it is dropped, for inspection.
     pub fn keep_logs(&mut self) {
         let path = self.dir.path().to_path_buf();
+        // CI keeps only the output, so the end of every node's log goes there too.
+        for n in &self.nodes {
+            let log = n.config_path.with_file_name("node.log");
+            eprintln!("--- end of node {} log ---\n{}", n.id, tail(&log, 40));
+        }
         eprintln!("region data and logs kept at {}", path.display());
         std::mem::forget(std::mem::replace(
             &mut self.dir,
