@@ -42,6 +42,13 @@ pub struct CommandBatch {
     pub commands: Vec<Command>,
 }
 
+/// How openraft logs an entry: its size, not its (possibly large, private) bodies.
+impl std::fmt::Display for CommandBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} commands", self.commands.len())
+    }
+}
+
 /// One receipt handle after its MAC was checked: which receive of which message it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {

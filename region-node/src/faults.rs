@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use futures::stream::{self, BoxStream};
+use futures::StreamExt;
 use meridian_api::raftpb::GroupMessage;
 use rand::Rng;
 
@@ -201,6 +203,20 @@ fn lost(why: &str) -> tonic::Status {
     tonic::Status::unavailable(format!("{why} (injected fault)"))
 }
 
+impl Faults {
+    /// Whether a message to `target` is lost now: partitioned, or lost by chance.
+    fn loses(&self, target: NodeId) -> bool {
+        if self.blocked.lock().expect("blocked lock").contains(&target) {
+            return true;
+        }
+        let drop = self.drop_per_mille.load(Ordering::Relaxed);
+        drop > 0 && rand::thread_rng().gen_range(0..1000) < drop
+    }
+}
+
+/// How long a broken append stream stays silent before it reports the break.
+const STREAM_SILENCE: Duration = Duration::from_millis(500);
+
 #[tonic::async_trait]
 impl Transport for FaultyTransport {
     async fn call(
@@ -241,5 +257,63 @@ impl Transport for FaultyTransport {
             return Err(lost("reply lost"));
         }
         reply
+    }
+
+    fn pipelines_appends(&self) -> bool {
+        self.inner.pipelines_appends()
+    }
+
+    /// Faults act on a stream as on a TCP connection: latency delays every message but keeps
+    /// them pipelined; a partition or a lost message breaks the stream (which openraft then
+    /// opens again), as nothing is lost from the middle of a live connection.
+    fn append_stream<'a>(
+        &'a self,
+        target: NodeId,
+        addr: &'a str,
+        group: u32,
+        requests: BoxStream<'static, Vec<u8>>,
+    ) -> BoxStream<'a, Result<Vec<u8>, tonic::Status>> {
+        let cut = Arc::new(AtomicBool::new(false));
+        let (faults, cutting) = (self.faults.clone(), cut.clone());
+        let delayed = requests
+            .map(move |r| {
+                let delay = faults.delay_ms.load(Ordering::Relaxed);
+                async move {
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    r
+                }
+            })
+            .buffered(1024);
+        let faults = self.faults.clone();
+        let requests = delayed
+            .take_while(move |_| {
+                let lost = faults.loses(target);
+                if lost {
+                    cutting.store(true, Ordering::SeqCst);
+                }
+                std::future::ready(!lost)
+            })
+            .boxed();
+        let replies = self.inner.append_stream(target, addr, group, requests);
+        let faults = self.faults.clone();
+        stream::unfold(Some(replies), move |replies| {
+            let (faults, cut) = (faults.clone(), cut.clone());
+            async move {
+                let mut replies = replies?;
+                let item = replies.next().await;
+                let broken = match &item {
+                    Some(_) => faults.loses(target),
+                    None => cut.load(Ordering::SeqCst),
+                };
+                if broken {
+                    tokio::time::sleep(STREAM_SILENCE).await;
+                    return Some((Err(lost("append stream broken")), None));
+                }
+                item.map(|i| (i, Some(replies)))
+            }
+        })
+        .boxed()
     }
 }

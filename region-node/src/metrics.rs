@@ -6,9 +6,11 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use meridian_api::topics::Protocol;
+use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
 use crate::node::RegionNode;
+use crate::raft::network::ReplicationStats;
 use crate::topic::SubscriptionView;
 
 /// Label values escaped as the text format requires.
@@ -80,7 +82,7 @@ pub fn render(node: &RegionNode) -> String {
     let groups: Vec<_> = (0..=node.data_groups())
         .filter_map(|g| node.group_ref(g))
         .map(|g| {
-            let rm = g.raft.metrics().borrow().clone();
+            let rm = g.raft.metrics().borrow_watched().clone();
             (
                 g,
                 format!("{node_label},group=\"{}\"", g.id),
@@ -119,6 +121,41 @@ pub fn render(node: &RegionNode) -> String {
             .collect();
         family(&mut out, name, "gauge", help, &rows);
     }
+
+    let load_group = |f: &dyn Fn(&ReplicationStats) -> &std::sync::atomic::AtomicU64| {
+        groups
+            .iter()
+            .map(|(g, l, _)| (l.clone(), load(f(&g.replication))))
+            .collect::<Vec<_>>()
+    };
+    family(
+        &mut out,
+        "meridian_raft_append_streams_total",
+        "counter",
+        "Pipelined append streams this node opened to followers of the group.",
+        &load_group(&|r| &r.streams_opened),
+    );
+    family(
+        &mut out,
+        "meridian_raft_appends_streamed_total",
+        "counter",
+        "AppendEntries requests sent on those streams.",
+        &load_group(&|r| &r.appends_streamed),
+    );
+    family(
+        &mut out,
+        "meridian_raft_appends_in_flight",
+        "gauge",
+        "Streamed appends not yet answered by their follower (all followers).",
+        &load_group(&|r| &r.in_flight),
+    );
+    family(
+        &mut out,
+        "meridian_raft_append_pipeline_depth_max",
+        "gauge",
+        "Most appends ever unanswered at once on one stream (1 would mean no pipelining).",
+        &load_group(&|r| &r.in_flight_max),
+    );
 
     // Subscriptions of the topics in groups this node leads.
     let now = node.clock.now_ms();

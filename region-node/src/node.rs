@@ -5,11 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use meridian_api::limits::QueueAttributes;
 use meridian_api::raftpb::GroupMessage;
 use meridian_api::{CmqError, CmqResult};
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::RaftError;
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -20,7 +22,9 @@ use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::faults::{Faults, FaultyClock, FaultyStorage, FaultyTransport};
 use crate::placement::{group_of, META_GROUP};
-use crate::raft::network::{decode, encode, NetworkFactory};
+use crate::raft::network::{
+    decode, encode, NetworkFactory, Remote, ReplicationStats, SnapshotTransfer,
+};
 use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::{NodeId, Raft, TypeConfig};
@@ -44,6 +48,8 @@ pub struct Group {
     pub raft: Raft,
     pub proposer: Proposer,
     pub shared: Arc<SharedState>,
+    /// How this node, leading the group, streams appends to the others.
+    pub replication: Arc<ReplicationStats>,
 }
 
 /// A request executed by the leader of one group.
@@ -212,6 +218,9 @@ pub struct RegionNode {
     pub clock: Arc<dyn Clock>,
     /// Nonces of signed HTTP requests, used while this node leads the metadata group.
     pub nonces: crate::replay::NonceCache,
+    /// Set when the node begins to stop: ends the append streams other nodes hold open to it,
+    /// which would otherwise keep the gRPC server's graceful shutdown waiting forever.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl RegionNode {
@@ -270,6 +279,14 @@ impl RegionNode {
                 max_payload_entries: r.max_payload_entries,
                 max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,
                 snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+                // A follower whose disk lost its log (replaced, wiped) may rejoin and be
+                // refilled by the leader, instead of openraft refusing the reverted log.
+                allow_log_reversion: Some(true),
+                // openraft 0.10 lets a restarted leader resume its old term by default. A leader
+                // sends entries before its own copy is durable, so after a crash it could propose
+                // a second, different entry under a log id a follower already holds (the
+                // simulation found exactly that, seed 5). Standard Raft: it stands for election.
+                enable_leader_restore: Some(false),
                 ..Default::default()
             }
             .validate()
@@ -281,9 +298,11 @@ impl RegionNode {
             let sm = StateMachineStore::open(id, config.data_groups, engine.clone())
                 .map_err(|e| NodeError::Storage(e.to_string()))?;
             let shared = sm.shared.clone();
+            let replication = Arc::new(ReplicationStats::default());
             let net = NetworkFactory {
                 group: id,
                 transport: transport.clone(),
+                stats: replication.clone(),
             };
             let raft = Raft::new(config.node_id, raft_config.clone(), net, log, sm)
                 .await
@@ -295,6 +314,7 @@ impl RegionNode {
                 raft,
                 proposer,
                 shared,
+                replication,
             });
         }
         let secret = hex::decode(&config.cluster_secret).expect("validated");
@@ -309,6 +329,7 @@ impl RegionNode {
             faults,
             push_tls,
             nonces: Default::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -392,15 +413,15 @@ impl RegionNode {
             },
             None => req,
         };
-        // With its log writes held back, this node's Raft groups stall (openraft 0.9 waits for
-        // each append to be durable), so it may not even know a leader: refuse at once, clearly.
+        // With its log writes held back, this node's Raft groups stall (openraft waits for
+        // appends to be durable), so it may not even know a leader: refuse at once, clearly.
         if !req.inner().is_read_only() && self.engine.disk_low() {
             return Err(self.disk_low_error());
         }
         let deadline = Instant::now() + LEADER_WAIT + req.max_wait();
         let g = self.group(group)?;
         loop {
-            let leader = g.raft.metrics().borrow().current_leader;
+            let leader = g.raft.metrics().borrow_watched().current_leader;
             let outcome = match leader {
                 Some(l) if l == self.id => self.execute_local(g, &req).await,
                 Some(l) => self.forward(l, group, &req).await,
@@ -470,21 +491,73 @@ impl RegionNode {
                 })
         };
         let bad = tonic::Status::invalid_argument;
+        fn remote<T, E: std::fmt::Display>(r: Result<T, E>) -> Remote<T> {
+            r.map_err(|e| e.to_string())
+        }
         Ok(match kind {
             RpcKind::Append => {
                 let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad)?;
-                encode(&raft()?.append_entries(rpc).await)
+                encode(&remote(raft()?.append_entries(rpc).await))
             }
             RpcKind::Vote => {
-                let rpc: VoteRequest<NodeId> = decode(&msg.payload).map_err(bad)?;
-                encode(&raft()?.vote(rpc).await)
+                let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad)?;
+                encode(&remote(raft()?.vote(rpc).await))
             }
             RpcKind::Snapshot => {
-                let rpc: InstallSnapshotRequest<TypeConfig> = decode(&msg.payload).map_err(bad)?;
-                encode(&raft()?.install_snapshot(rpc).await)
+                let t: SnapshotTransfer = decode(&msg.payload).map_err(bad)?;
+                let snapshot = crate::raft::Snapshot {
+                    meta: t.meta,
+                    snapshot: std::io::Cursor::new(t.data),
+                };
+                encode(&remote(
+                    raft()?.install_full_snapshot(t.vote, snapshot).await,
+                ))
             }
             RpcKind::Forward => self.handle_forward(msg.group, &msg.payload).await,
         })
+    }
+
+    /// Answers a stream of appends for `group` (the transport's server side of
+    /// [`Transport::append_stream`](crate::transport::Transport::append_stream)): openraft
+    /// takes each request as it arrives, without waiting for the last one's fsync, and the
+    /// encoded replies come out in request order. An undecodable request ends the stream.
+    pub fn serve_append_stream(
+        &self,
+        group: u32,
+        requests: impl Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<futures::stream::BoxStream<'static, Vec<u8>>, tonic::Status> {
+        let g = self.groups.get(group as usize).ok_or_else(|| {
+            tonic::Status::not_found(format!("no raft group {group} on this node"))
+        })?;
+        let decoded = requests
+            .map(|bytes| decode::<AppendEntriesRequest<TypeConfig>>(&bytes))
+            .take_while(move |r| {
+                if let Err(e) = r {
+                    tracing::warn!(group, "append stream: {e}");
+                }
+                std::future::ready(r.is_ok())
+            })
+            .filter_map(|r| std::future::ready(r.ok()));
+        let stopped = self.stopped();
+        Ok(g.raft
+            .stream_append(decoded)
+            .map(|r| encode(&r.map_err(|fatal| fatal.to_string())))
+            .take_until(stopped)
+            .boxed())
+    }
+
+    /// Resolves once the node begins to stop.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Ends the append streams served to other nodes (their leaders open new ones elsewhere or
+    /// later); called when the node begins to stop.
+    pub fn stop_serving_streams(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// Executes a request forwarded by another node; the reply is an encoded result.
@@ -509,7 +582,7 @@ impl RegionNode {
         };
         // Only the leader's cache counts: a stale leader must not accept a nonce the current
         // one has seen.
-        if g.raft.metrics().borrow().state != ServerState::Leader {
+        if g.raft.metrics().borrow_watched().state != ServerState::Leader {
             return Err(ForwardError::NotLeader);
         }
         if !self
@@ -629,7 +702,7 @@ impl RegionNode {
 
     async fn linearize(&self, g: &Group) -> Result<(), ForwardError> {
         g.raft
-            .ensure_linearizable()
+            .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
             .await
             .map(|_| ())
             .map_err(|e| match e {
@@ -710,7 +783,7 @@ impl RegionNode {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
-            if g.raft.metrics().borrow().state != ServerState::Leader {
+            if g.raft.metrics().borrow_watched().state != ServerState::Leader {
                 return Err(ForwardError::NotLeader);
             }
         }
@@ -738,7 +811,7 @@ impl RegionNode {
             let g = &self.groups[group as usize];
             let (leader, state) = {
                 let m = g.raft.metrics();
-                let m = m.borrow();
+                let m = m.borrow_watched();
                 (m.current_leader, m.state)
             };
             if !balanced {
@@ -749,7 +822,7 @@ impl RegionNode {
                             group,
                             "taking over leadership from node {l} to spread leaders"
                         );
-                        let _ = g.raft.trigger().elect().await;
+                        let _ = g.raft.trigger().elect(false).await;
                     }
                 }
             }
@@ -833,6 +906,7 @@ impl RegionNode {
     pub async fn shutdown(&self) {
         for g in &self.groups {
             let _ = g.raft.shutdown().await;
+            tracing::info!(group = g.id, "raft stopped");
         }
         if let Err(e) = self.engine.flush() {
             tracing::warn!("flush at shutdown: {e}");

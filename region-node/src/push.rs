@@ -17,6 +17,7 @@ use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Request, Uri};
 use meridian_api::topics::{NotifyFormat, NotifyStrategy, Protocol, TOPIC_MSG_RETENTION_SECONDS};
+use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -67,7 +68,7 @@ pub async fn run(node: Arc<RegionNode>, group: u32) {
         let Some(g) = node.group_ref(group) else {
             return;
         };
-        if g.raft.metrics().borrow().state != ServerState::Leader {
+        if g.raft.metrics().borrow_watched().state != ServerState::Leader {
             continue;
         }
         for job in due_jobs(&node, group, &in_flight) {

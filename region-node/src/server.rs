@@ -72,7 +72,13 @@ pub async fn run(
         .add_service(CredentialServiceServer::new(CredentialApi {
             ops: crate::ops::QueueOps::new(node.clone()),
         }))
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        .serve_with_incoming_shutdown(incoming, {
+            let node = node.clone();
+            async move {
+                shutdown.await;
+                node.stop_serving_streams();
+            }
+        });
     let serving = tokio::spawn(server);
     let http = match http_listener {
         Some(listener) => {
@@ -89,6 +95,7 @@ pub async fn run(
     node.spawn_background();
     tracing::info!(node = node.id, addr = %node.config.grpc_listen, "node serving");
     let result = serving.await;
+    tracing::info!("gRPC server stopped");
     if let Some(h) = http {
         h.abort();
     }

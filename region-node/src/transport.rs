@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::stream::{self, BoxStream};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use meridian_api::raftpb::raft_transport_client::RaftTransportClient;
 use meridian_api::raftpb::GroupMessage;
 use tonic::transport::{Channel, Endpoint};
@@ -35,6 +37,71 @@ pub trait Transport: Send + Sync + 'static {
         msg: GroupMessage,
         timeout: Duration,
     ) -> Result<Vec<u8>, tonic::Status>;
+
+    /// Whether [`append_stream`](Transport::append_stream) pipelines. If not, openraft sends
+    /// appends one at a time with [`call`](Transport::call).
+    fn pipelines_appends(&self) -> bool {
+        false
+    }
+
+    /// Opens a stream of appends to `group` on node `target`: `requests` go out in order, each
+    /// without waiting for the reply to the last, and the replies come back in the same order.
+    /// An error ends the stream. Only called when [`pipelines_appends`] says so.
+    ///
+    /// [`pipelines_appends`]: Transport::pipelines_appends
+    fn append_stream<'a>(
+        &'a self,
+        target: NodeId,
+        addr: &'a str,
+        group: u32,
+        requests: BoxStream<'static, Vec<u8>>,
+    ) -> BoxStream<'a, Result<Vec<u8>, tonic::Status>> {
+        let _ = (target, addr, group, requests);
+        stream::once(std::future::ready(Err(tonic::Status::unimplemented(
+            "this transport does not stream appends",
+        ))))
+        .boxed()
+    }
+}
+
+/// Opens the HTTP/2 stream of [`GrpcTransport::append_stream`]. tonic takes the requests from a
+/// channel (its streaming body cannot be proven `Send` over a boxed stream), fed by a task that
+/// stops with the stream.
+fn open_append_stream(
+    channel: Channel,
+    mut requests: BoxStream<'static, GroupMessage>,
+) -> BoxStream<'static, Result<GroupMessage, tonic::Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let feeder = AbortOnDrop(tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            if tx.send(m).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let open = async move {
+        let mut client = RaftTransportClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok::<_, tonic::Status>(client.append_stream(outbound).await?.into_inner())
+    };
+    open.into_stream()
+        .try_flatten()
+        .map(move |r| {
+            let _feeding = &feeder;
+            r
+        })
+        .boxed()
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Channels to the other nodes of the region, by node id.
@@ -88,5 +155,30 @@ impl Transport for GrpcTransport {
             RpcKind::Forward => client.forward(request).await,
         }?;
         Ok(reply.into_inner().payload)
+    }
+
+    fn pipelines_appends(&self) -> bool {
+        true
+    }
+
+    /// One HTTP/2 stream for the session: the requests are written as openraft produces them
+    /// and the replies read as the follower answers, so many appends are in flight at once.
+    fn append_stream<'a>(
+        &'a self,
+        target: NodeId,
+        addr: &'a str,
+        group: u32,
+        requests: BoxStream<'static, Vec<u8>>,
+    ) -> BoxStream<'a, Result<Vec<u8>, tonic::Status>> {
+        let channel = match self.channel(target, addr) {
+            Ok(ch) => ch,
+            Err(e) => return stream::once(std::future::ready(Err(e))).boxed(),
+        };
+        let outbound = requests
+            .map(move |payload| GroupMessage { group, payload })
+            .boxed();
+        open_append_stream(channel, outbound)
+            .map_ok(|m| m.payload)
+            .boxed()
     }
 }

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_api::pb::cluster_service_client::ClusterServiceClient;
-use meridian_api::pb::fault_service_client::FaultServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::*;
 use meridian_region_node::command::QueueKey;
@@ -29,6 +28,7 @@ use rand::Rng;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use crate::set_faults;
 use crate::Region;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,20 +289,6 @@ async fn record_and_delete(
             }
         }
     }
-}
-
-async fn set_faults(region: &Region, id: u64, spec: FaultSpec) {
-    for _ in 0..50 {
-        if let Some(ch) = region.channel(id).await {
-            let mut client = FaultServiceClient::new(ch);
-            let call = client.set_faults(spec.clone());
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(3), call).await {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("could not set faults on node {id}");
 }
 
 /// Cuts `victim` off from every other node (both directions), or heals everything: with

@@ -286,6 +286,37 @@ impl Region {
         }
     }
 
+    /// SIGTERM and a wait (bounded by `within`) for a clean exit; panics with the end of the
+    /// node's log if it does not stop in time or exits with an error.
+    pub fn stop(&mut self, id: u64, within: Duration) {
+        self.signal(id, libc::SIGTERM);
+        let deadline = std::time::Instant::now() + within;
+        let n = self.node(id);
+        let log = n.config_path.with_file_name("node.log");
+        let mut child = n.child.take().expect("node is running");
+        loop {
+            match child.try_wait().expect("wait for node") {
+                Some(status) => {
+                    assert!(
+                        status.success(),
+                        "node {id} stopped with {status}; its log ends:\n{}",
+                        tail(&log, 20)
+                    );
+                    return;
+                }
+                None if std::time::Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "node {id} did not stop within {within:?} of SIGTERM; its log ends:\n{}",
+                        tail(&log, 20)
+                    );
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// SIGKILL: no shutdown path runs, like a power cut for the process.
     pub fn kill(&mut self, id: u64) {
         self.signal(id, libc::SIGKILL);
@@ -532,6 +563,21 @@ impl Region {
             tempfile::tempdir().unwrap(),
         ));
     }
+}
+
+/// Sets the injected faults of node `id` (started with faults enabled), retrying while it starts.
+pub async fn set_faults(region: &Region, id: u64, spec: meridian_api::pb::FaultSpec) {
+    for _ in 0..50 {
+        if let Some(ch) = region.channel(id).await {
+            let mut client = meridian_api::pb::fault_service_client::FaultServiceClient::new(ch);
+            let call = client.set_faults(spec.clone());
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(3), call).await {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not set faults on node {id}");
 }
 
 /// FNV-1a over `bytes`: a cheap, stable digest for test bodies and traces (not cryptographic).

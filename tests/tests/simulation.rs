@@ -116,6 +116,14 @@ fn replay() {
             .collect();
     }
     let names: Vec<&str> = cfg.nemeses.iter().map(|n| n.name()).collect();
+    if let Ok(filter) = std::env::var("MERIDIAN_SIM_LOG") {
+        // Without wall-clock times, so two runs' logs can be diffed.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .without_time()
+            .with_ansi(false)
+            .init();
+    }
     let report = run(&cfg);
     eprintln!(
         "{report}\n{}\n{}",

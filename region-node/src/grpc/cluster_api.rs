@@ -8,6 +8,7 @@ use meridian_api::pb::fault_service_server::FaultService;
 use meridian_api::pb::{
     ClusterStatusReply, Empty, FaultSpec, GroupDigest, GroupStatus, MemberInfo, StateDigestsReply,
 };
+use openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 
 use crate::node::RegionNode;
@@ -27,7 +28,7 @@ impl ClusterService for ClusterApi {
             .groups()
             .iter()
             .map(|g| {
-                let m = g.raft.metrics().borrow().clone();
+                let m = g.raft.metrics().borrow_watched().clone();
                 GroupStatus {
                     group: g.id,
                     leader: m.current_leader.unwrap_or(0),

@@ -1,33 +1,61 @@
 //! openraft's network for one group over the node's [`Transport`] (requests carry their group
 //! id), with openraft messages encoded as bincode payloads.
+//!
+//! Appends are pipelined: openraft streams AppendEntries requests into [`stream_append`], which
+//! sends each at once on one ordered [`Transport::append_stream`] and yields the follower's
+//! replies as they come, so many appends (and their fsyncs on the follower) are in flight.
+//!
+//! [`stream_append`]: RaftNetworkV2::stream_append
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use futures::stream::{self, BoxStream};
+use futures::{FutureExt, Stream, StreamExt};
 use meridian_api::raftpb::GroupMessage;
-use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Unreachable,
-};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, OptionalSend, RaftNetworkV2};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
-use super::{NodeId, TypeConfig};
+use super::{NodeId, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 use crate::transport::{RpcKind, Transport};
 
-/// Largest encoded AppendEntries sent: larger ones are split (openraft resends fewer entries).
-/// openraft 0.9 cancels every AppendEntries after `heartbeat_interval` and resends the same
-/// range, so one message must stay quick to transfer and fsync however big client messages are.
+/// Largest encoded AppendEntries sent: a larger request is split into consecutive ones, so one
+/// message stays quick to transfer and fsync however big client messages are.
 const MAX_RPC_BYTES: usize = 4 << 20;
+
+/// How long the oldest unanswered append of a stream may wait for its reply before the stream
+/// is given up (openraft then backs off and opens a new one). Idle streams never time out.
+const MIN_STREAM_REPLY_WAIT: Duration = Duration::from_secs(1);
 
 pub struct NetworkFactory {
     pub group: u32,
     pub transport: Arc<dyn Transport>,
+    pub stats: Arc<ReplicationStats>,
+}
+
+/// How one group's leader streams appends to its followers (summed over followers): the
+/// pipeline's depth is what 0.9's one-append-at-a-time replication could not have.
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    /// Append streams opened (one per follower and replication session).
+    pub streams_opened: AtomicU64,
+    /// Appends sent on streams.
+    pub appends_streamed: AtomicU64,
+    /// Appends sent and not yet answered, now.
+    pub in_flight: AtomicU64,
+    /// The most appends ever unanswered at once on one stream.
+    pub in_flight_max: AtomicU64,
 }
 
 pub struct GroupConnection {
@@ -35,6 +63,7 @@ pub struct GroupConnection {
     target: NodeId,
     addr: String,
     transport: Arc<dyn Transport>,
+    stats: Arc<ReplicationStats>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -46,6 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             transport: self.transport.clone(),
+            stats: self.stats.clone(),
         }
     }
 }
@@ -62,78 +92,287 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     bincode::deserialize(bytes).map_err(|e| format!("undecodable payload: {e}"))
 }
 
+/// A whole snapshot in one message: the leader's vote, the meta, and the rows.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotTransfer {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A follower's answer as it travels: openraft's reply, or why its Raft could not answer
+/// (stopped, fatal error), as text.
+pub type Remote<T> = Result<T, String>;
+
+fn status_error(target: NodeId, s: &tonic::Status) -> RPCError<TypeConfig> {
+    let e = TransportError(format!("node {target}: {}: {}", s.code(), s.message()));
+    if s.code() == tonic::Code::Unavailable {
+        RPCError::Unreachable(Unreachable::new(&e))
+    } else {
+        RPCError::Network(NetworkError::new(&e))
+    }
+}
+
+fn remote_error(target: NodeId, e: String) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&TransportError(format!(
+        "node {target} cannot answer: {e}"
+    ))))
+}
+
+fn decode_error(e: String) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&TransportError(e)))
+}
+
+/// `req` as requests of at most [`MAX_RPC_BYTES`] encoded, each continuing the last; one entry
+/// larger than that still goes alone.
+fn split(req: AppendEntriesRequest<TypeConfig>) -> Vec<Vec<u8>> {
+    let bytes = encode(&req);
+    if bytes.len() <= MAX_RPC_BYTES || req.entries.len() <= 1 {
+        return vec![bytes];
+    }
+    let AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        leader_commit,
+        mut entries,
+    } = req;
+    let tail = entries.split_off(entries.len() / 2);
+    let head_last = entries.last().map(|e| e.log_id);
+    let mut out = split(AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        leader_commit,
+        entries,
+    });
+    out.extend(split(AppendEntriesRequest {
+        vote,
+        prev_log_id: head_last,
+        leader_commit,
+        entries: tail,
+    }));
+    out
+}
+
+/// A stream's unanswered requests (their send times, oldest first), counted in the group's
+/// [`ReplicationStats`].
+struct Outstanding {
+    sent: Mutex<VecDeque<Instant>>,
+    stats: Arc<ReplicationStats>,
+}
+
+impl Outstanding {
+    fn new(stats: Arc<ReplicationStats>) -> Arc<Self> {
+        stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Self {
+            sent: Mutex::default(),
+            stats,
+        })
+    }
+
+    fn push(&self) {
+        let mut sent = self.sent.lock().expect("outstanding lock");
+        sent.push_back(Instant::now());
+        self.stats.appends_streamed.fetch_add(1, Ordering::Relaxed);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .in_flight_max
+            .fetch_max(sent.len() as u64, Ordering::Relaxed);
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.sent.lock().expect("outstanding lock").front().copied()
+    }
+
+    fn answered(&self) {
+        if self
+            .sent
+            .lock()
+            .expect("outstanding lock")
+            .pop_front()
+            .is_some()
+        {
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let left = self.sent.get_mut().map_or(0, |s| s.len()) as u64;
+        self.stats.in_flight.fetch_sub(left, Ordering::Relaxed);
+    }
+}
+
+/// `replies`, failing once the oldest unanswered request has waited longer than `wait`.
+fn with_reply_deadline<'a>(
+    replies: BoxStream<'a, Result<Vec<u8>, tonic::Status>>,
+    outstanding: Arc<Outstanding>,
+    wait: Duration,
+) -> impl Stream<Item = Result<Vec<u8>, tonic::Status>> + Send + 'a {
+    stream::unfold(Some(replies), move |replies| {
+        let outstanding = outstanding.clone();
+        async move {
+            let mut replies = replies?;
+            loop {
+                let oldest = outstanding.oldest();
+                let next = replies.next();
+                let reply = match oldest {
+                    // Nothing unanswered: an idle stream waits as long as openraft has nothing
+                    // to send.
+                    None => {
+                        // Re-check now and then: a request may go out while this waits.
+                        match tokio::time::timeout(wait / 4, next).await {
+                            Ok(r) => r,
+                            Err(_) => continue,
+                        }
+                    }
+                    Some(sent) => match tokio::time::timeout_at(sent + wait, next).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let e = tonic::Status::deadline_exceeded(format!(
+                                "no reply to an append within {wait:?}"
+                            ));
+                            return Some((Err(e), None));
+                        }
+                    },
+                };
+                let reply = reply?;
+                outstanding.answered();
+                let failed = reply.is_err();
+                return Some((reply, (!failed).then_some(replies)));
+            }
+        }
+    })
+}
+
 impl GroupConnection {
-    /// `entries`: the entry count of an AppendEntries request (to split an oversized one).
-    async fn call<Req, Resp, E>(
+    async fn call<Req, Resp>(
         &mut self,
         kind: RpcKind,
         req: &Req,
-        entries: Option<usize>,
-        option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
-        let payload = encode(req);
-        if payload.len() > MAX_RPC_BYTES {
-            if let Some(entries) = entries {
-                // openraft retries with fewer entries per message.
-                let hint = (entries as u64 / 2).max(1);
-                return Err(RPCError::PayloadTooLarge(
-                    PayloadTooLarge::new_entries_hint(hint),
-                ));
-            }
-        }
+        self.call_encoded(kind, encode(req), timeout).await
+    }
+
+    async fn call_encoded<Resp: DeserializeOwned>(
+        &mut self,
+        kind: RpcKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
         let msg = GroupMessage {
             group: self.group,
             payload,
         };
         let reply = self
             .transport
-            .call(self.target, &self.addr, kind, msg, option.hard_ttl())
-            .await;
-        let reply = reply.map_err(|s| {
-            let e = TransportError(format!("{}: {}", s.code(), s.message()));
-            if s.code() == tonic::Code::Unavailable {
-                RPCError::Unreachable(Unreachable::new(&e))
-            } else {
-                RPCError::Network(NetworkError::new(&e))
-            }
-        })?;
-        let result: Result<Resp, E> =
-            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            .call(self.target, &self.addr, kind, msg, timeout)
+            .await
+            .map_err(|s| status_error(self.target, &s))?;
+        let result: Remote<Resp> = decode(&reply).map_err(decode_error)?;
+        result.map_err(|e| remote_error(self.target, e))
     }
 }
 
-impl RaftNetwork<TypeConfig> for GroupConnection {
+impl RaftNetworkV2<TypeConfig> for GroupConnection {
+    type SnapshotData = SnapshotData;
+
+    /// One append (openraft's probes and heartbeats), split like a streamed one if too big.
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let n = rpc.entries.len();
-        self.call(RpcKind::Append, &rpc, Some(n), &option).await
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let parts = split(rpc);
+        let n = parts.len();
+        for (i, part) in parts.into_iter().enumerate() {
+            let reply: AppendEntriesResponse<TypeConfig> = self
+                .call_encoded(RpcKind::Append, part, option.hard_ttl())
+                .await?;
+            // The next part continues this one: only a full success lets it go. Anything else
+            // (partial success, conflict, higher vote) answers the whole request.
+            if i + 1 == n || !matches!(reply, AppendEntriesResponse::Success) {
+                return Ok(reply);
+            }
+        }
+        unreachable!("split yields at least one part")
     }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.call(RpcKind::Snapshot, &rpc, None, &option).await
+    ) -> openraft::base::BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        if !self.transport.pipelines_appends() {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        let outstanding = Outstanding::new(self.stats.clone());
+        let sent = outstanding.clone();
+        let requests = input
+            .flat_map(|req| stream::iter(split(req)))
+            .map(move |bytes| {
+                sent.push();
+                bytes
+            })
+            .boxed();
+        let wait = (option.hard_ttl() * 8).max(MIN_STREAM_REPLY_WAIT);
+        let target = self.target;
+        let replies = self
+            .transport
+            .append_stream(target, &self.addr, self.group, requests);
+        let results = with_reply_deadline(replies, outstanding, wait).map(move |r| {
+            let bytes = r.map_err(|s| status_error(target, &s))?;
+            let result: Remote<StreamAppendResult<TypeConfig>> =
+                decode(&bytes).map_err(decode_error)?;
+            result.map_err(|e| remote_error(target, e))
+        });
+        async move { Ok(results.boxed()) }.boxed()
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Vote, &rpc, None, &option).await
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RpcKind::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let transfer = SnapshotTransfer {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let send = self.call(RpcKind::Snapshot, &transfer, option.hard_ttl());
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = send => r.map_err(|e| match e {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::RemoteError(r) => match r.source {},
+            }),
+        }
     }
 }

@@ -7,11 +7,12 @@
 //! simulation calls [`seed_thread_rng`] on the one thread it runs every node on.
 
 use std::cell::RefCell;
+use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
-use openraft::async_runtime::TokioOneShotSender;
 use openraft::{AsyncRuntime, OptionalSend, TokioInstant};
+use openraft_rt_tokio::{TokioMpsc, TokioMutex, TokioOneshot, TokioRuntime};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
@@ -32,26 +33,27 @@ fn with_rng<T>(f: impl FnOnce(&mut StdRng) -> T) -> T {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RaftRng;
 
-impl RngCore for RaftRng {
-    fn next_u32(&mut self) -> u32 {
-        with_rng(|r| r.next_u32())
+impl rand_core::TryRng for RaftRng {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok(with_rng(|r| r.next_u32()))
     }
 
-    fn next_u64(&mut self) -> u64 {
-        with_rng(|r| r.next_u64())
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        Ok(with_rng(|r| r.next_u64()))
     }
 
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        with_rng(|r| r.fill_bytes(dest))
-    }
-
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
-        with_rng(|r| r.try_fill_bytes(dest))
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Infallible> {
+        with_rng(|r| r.fill_bytes(dest));
+        Ok(())
     }
 }
 
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct MeridianRuntime;
+/// tokio (openraft's own tokio runtime), but for its RNG and its watch channel
+/// ([`OrderedWatch`](super::watch::OrderedWatch)), both deterministic in a simulation.
+#[derive(Debug)]
+pub struct MeridianRuntime(TokioRuntime);
 
 impl AsyncRuntime for MeridianRuntime {
     type JoinError = tokio::task::JoinError;
@@ -61,38 +63,39 @@ impl AsyncRuntime for MeridianRuntime {
     type TimeoutError = tokio::time::error::Elapsed;
     type Timeout<R, T: Future<Output = R> + OptionalSend> = tokio::time::Timeout<T>;
     type ThreadLocalRng = RaftRng;
-    type OneshotSender<T: OptionalSend> = TokioOneShotSender<T>;
-    type OneshotReceiver<T: OptionalSend> = tokio::sync::oneshot::Receiver<T>;
-    type OneshotReceiverError = tokio::sync::oneshot::error::RecvError;
+    type Mpsc = TokioMpsc;
+    type Watch = super::watch::OrderedWatch;
+    type Oneshot = TokioOneshot;
+    type Mutex<T: OptionalSend + 'static> = TokioMutex<T>;
 
     fn spawn<T>(future: T) -> Self::JoinHandle<T::Output>
     where
         T: Future + OptionalSend + 'static,
         T::Output: OptionalSend + 'static,
     {
-        tokio::task::spawn(future)
+        TokioRuntime::spawn(future)
     }
 
     fn sleep(duration: Duration) -> Self::Sleep {
-        tokio::time::sleep(duration)
+        TokioRuntime::sleep(duration)
     }
 
     fn sleep_until(deadline: Self::Instant) -> Self::Sleep {
-        tokio::time::sleep_until(deadline)
+        TokioRuntime::sleep_until(deadline)
     }
 
     fn timeout<R, F: Future<Output = R> + OptionalSend>(
         duration: Duration,
         future: F,
     ) -> Self::Timeout<R, F> {
-        tokio::time::timeout(duration, future)
+        TokioRuntime::timeout(duration, future)
     }
 
     fn timeout_at<R, F: Future<Output = R> + OptionalSend>(
         deadline: Self::Instant,
         future: F,
     ) -> Self::Timeout<R, F> {
-        tokio::time::timeout_at(deadline, future)
+        TokioRuntime::timeout_at(deadline, future)
     }
 
     fn is_panic(join_error: &Self::JoinError) -> bool {
@@ -103,18 +106,21 @@ impl AsyncRuntime for MeridianRuntime {
         RaftRng
     }
 
-    fn oneshot<T>() -> (Self::OneshotSender<T>, Self::OneshotReceiver<T>)
+    fn new(threads: usize) -> Self {
+        Self(TokioRuntime::new(threads))
+    }
+
+    fn block_on<F, T>(&mut self, future: F) -> T
     where
-        T: OptionalSend,
+        F: Future<Output = T>,
     {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (TokioOneShotSender(tx), rx)
+        self.0.block_on(future)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use rand::Rng;
+    use rand_core::Rng;
 
     use super::*;
 
@@ -122,7 +128,7 @@ mod tests {
     fn a_seed_fixes_the_sequence() {
         let draw = || -> Vec<u64> {
             let mut r = MeridianRuntime::thread_rng();
-            (0..8).map(|_| r.gen_range(800..1600)).collect()
+            (0..8).map(|_| r.next_u64() % 800 + 800).collect()
         };
         seed_thread_rng(7);
         let a = draw();

@@ -10,15 +10,13 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock};
 
-use openraft::storage::RaftStateMachine;
-use openraft::{
-    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
-};
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{NodeId, TypeConfig};
+use super::{Entry, LogId, Membership, Snapshot, SnapshotData, SnapshotMeta, TypeConfig};
 use crate::command::{Op, OpResult, QueueKey};
 use crate::queue::{group_rows, GroupState, RowOp, TAG_APPLIED};
 use crate::storage::{
@@ -27,8 +25,7 @@ use crate::storage::{
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
-type StResult<T> = Result<T, StorageError<NodeId>>;
-type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type StResult<T> = Result<T, std::io::Error>;
 
 /// Wakes long polls waiting on a queue when something may have become receivable.
 #[derive(Default)]
@@ -88,7 +85,7 @@ impl Drop for Watch<'_> {
 /// What the API layer reads: the group's state and how far it has applied.
 pub struct SharedState {
     pub state: RwLock<GroupState>,
-    pub applied: RwLock<(Option<LogId<NodeId>>, Membership)>,
+    pub applied: RwLock<(Option<LogId>, Membership)>,
     pub notifier: QueueNotifier,
     /// Snapshots installed from a leader since start.
     pub snapshots_installed: std::sync::atomic::AtomicU64,
@@ -116,7 +113,7 @@ impl SharedState {
 /// The record of a group's current snapshot: its meta and the checkpoint holding its rows.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    meta: SnapshotMeta,
     /// Name of the engine checkpoint (`g<group>-<seq>`).
     checkpoint: String,
     seq: u64,
@@ -136,12 +133,12 @@ pub struct StateMachineStore {
     pub shared: Arc<SharedState>,
 }
 
-fn sm_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
-    StorageIOError::write_state_machine(e).into()
+fn sm_err(e: &impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("state machine: {e}"))
 }
 
-fn snap_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
-    StorageIOError::read_snapshot(None, e).into()
+fn snap_err(e: &impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("snapshot: {e}"))
 }
 
 fn applied_key(group: u32) -> Vec<u8> {
@@ -185,16 +182,14 @@ fn state_of_rows(
     Ok((state, applied))
 }
 
-type Applied = (Option<LogId<NodeId>>, Membership);
+type Applied = (Option<LogId>, Membership);
 
 impl StateMachineStore {
     /// Opens the group's state machine from its rows, and drops checkpoints of it that no
     /// snapshot record names (left by a crash between making one and recording it).
     pub fn open(group: u32, data_groups: u32, engine: Arc<dyn StorageEngine>) -> StResult<Self> {
         let (from, to) = group_rows(group);
-        let rows = engine
-            .scan(CF_STATE, &from, &to)
-            .map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
+        let rows = engine.scan(CF_STATE, &from, &to).map_err(|e| sm_err(&e))?;
         let (state, applied) = state_of_rows(group, data_groups, &rows)?;
         let store = Self {
             group,
@@ -234,10 +229,7 @@ impl StateMachineStore {
     /// recorded (a slow build racing an install must not replace it: logs up to the newer one
     /// may already be purged); then drops the checkpoint no longer named. Returns the
     /// snapshot's meta (from the checkpoint's own applied row) and its rows, encoded.
-    fn take_snapshot(
-        &self,
-        snapshot_id: Option<String>,
-    ) -> StResult<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)> {
+    fn take_snapshot(&self) -> StResult<(SnapshotMeta, Vec<u8>)> {
         let _serial = self
             .shared
             .snapshot_store
@@ -253,14 +245,9 @@ impl StateMachineStore {
             .scan_checkpoint(&name, CF_STATE, &from, &to)
             .map_err(|e| snap_err(&e))?;
         let (last_applied, membership) = applied_of_rows(self.group, &rows)?;
-        let snapshot_id = snapshot_id.unwrap_or_else(|| match last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.group),
-            None => format!("empty-{}", self.group),
-        });
         let meta = SnapshotMeta {
             last_log_id: last_applied,
             last_membership: membership,
-            snapshot_id,
         };
         let data = encode_rows(rows)?;
         let stale = match &previous {
@@ -316,31 +303,24 @@ fn encode_rows(rows: Vec<(Vec<u8>, Vec<u8>)>) -> StResult<Vec<u8>> {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+
     /// A RocksDB checkpoint: the rows are consistent at the applied index their own applied
     /// row names, as each apply writes its rows and that row in one batch.
-    async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
+    async fn build_snapshot(&mut self) -> StResult<Snapshot> {
         // Behind the rows of every apply so far, so the snapshot is as recent as openraft asks.
         self.write_ordered(Vec::new()).await?;
-        let (meta, data) = run_blocking(|| self.take_snapshot(None))?;
+        let (meta, data) = run_blocking(|| self.take_snapshot())?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Cursor::new(data),
         })
     }
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = Self;
-
-    async fn applied_state(&mut self) -> StResult<(Option<LogId<NodeId>>, Membership)> {
-        Ok(self.shared.applied.read().expect("applied lock").clone())
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> StResult<Vec<Vec<OpResult>>>
-    where
-        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
+impl StateMachineStore {
+    /// Applies `entries` in order: one result list per entry, and one batch of state rows.
+    pub fn apply_entries(&self, entries: Vec<Entry>) -> StResult<Vec<Vec<OpResult>>> {
         let mut results = Vec::new();
         let mut woken: Vec<QueueKey> = Vec::new();
         {
@@ -397,19 +377,46 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         Ok(results)
     }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> StResult<(Option<LogId>, Membership)> {
+        Ok(self.shared.applied.read().expect("applied lock").clone())
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> StResult<()>
+    where
+        S: Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>> + Unpin + OptionalSend,
+    {
+        // openraft hands over the committed entries it has; applied as one batch (one write of
+        // state rows), then each client answered.
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch.push(entry);
+            responders.push(responder);
+        }
+        let results = self.apply_entries(batch)?;
+        for (responder, result) in responders.into_iter().zip(results) {
+            if let Some(r) = responder {
+                r.send(result);
+            }
+        }
+        Ok(())
+    }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
     ) -> StResult<()> {
         let data = snapshot.into_inner();
         let SnapshotRows { rows } = bincode::deserialize(&data).map_err(|e| sm_err(&e))?;
@@ -455,14 +462,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             *a = applied;
         }
         // This node's own checkpoint of what it installed, to serve as its current snapshot.
-        run_blocking(|| self.take_snapshot(Some(meta.snapshot_id.clone())))?;
+        run_blocking(|| self.take_snapshot())?;
         self.shared
             .snapshots_installed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
+    async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot>> {
         run_blocking(|| {
             let _serial = self
                 .shared
@@ -479,7 +486,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .map_err(|e| snap_err(&e))?;
             Ok(Some(Snapshot {
                 meta: stored.meta,
-                snapshot: Box::new(Cursor::new(encode_rows(rows)?)),
+                snapshot: Cursor::new(encode_rows(rows)?),
             }))
         })
     }
@@ -488,7 +495,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 #[cfg(test)]
 mod tests {
     use meridian_api::limits::QueueAttributes;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload};
+    use openraft::EntryPayload;
 
     use super::*;
     use crate::command::{Command, CommandBatch, Receipt};
@@ -496,9 +503,9 @@ mod tests {
 
     const T0: i64 = 1_700_000_000_000;
 
-    fn entry(index: u64, ops: Vec<Op>) -> Entry<TypeConfig> {
+    fn entry(index: u64, ops: Vec<Op>) -> Entry {
         Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            log_id: LogId::new_term_index(1, index),
             payload: EntryPayload::Normal(CommandBatch {
                 commands: ops
                     .into_iter()
@@ -525,7 +532,7 @@ mod tests {
 
     /// A snapshot of everything applied so far (rows are written behind the apply; a build
     /// takes whatever is written by then, so this first waits for the writer).
-    async fn build(sm: &mut StateMachineStore) -> Snapshot<TypeConfig> {
+    async fn build(sm: &mut StateMachineStore) -> Snapshot {
         sm.write_ordered(Vec::new()).await.unwrap();
         sm.get_snapshot_builder()
             .await
@@ -545,7 +552,7 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let (engine, mut sm) = open(a.path());
         let results = sm
-            .apply(vec![
+            .apply_entries(vec![
                 entry(
                     1,
                     vec![Op::CreateQueue {
@@ -557,7 +564,6 @@ mod tests {
                 entry(2, vec![send(10)]),
                 entry(3, vec![Op::Receive { key: key(), max: 3 }]),
             ])
-            .await
             .unwrap();
         let OpResult::Received { messages, .. } = &results[2][0] else {
             panic!("{results:?}");
@@ -566,14 +572,13 @@ mod tests {
             seq: messages[0].seq,
             generation: messages[0].dequeue_count,
         }];
-        sm.apply(vec![entry(
+        sm.apply_entries(vec![entry(
             4,
             vec![Op::Delete {
                 key: key(),
                 receipts,
             }],
         )])
-        .await
         .unwrap();
 
         let first = build(&mut sm).await;
@@ -587,7 +592,7 @@ mod tests {
         let tables = listing.iter().filter(|n| n.ends_with(".sst")).count();
         assert!(tables > 0, "{listing:?}");
 
-        sm.apply(vec![entry(5, vec![send(5)])]).await.unwrap();
+        sm.apply_entries(vec![entry(5, vec![send(5)])]).unwrap();
         let second = build(&mut sm).await;
         assert_eq!(second.meta.last_log_id.map(|l| l.index), Some(5));
         assert_eq!(
@@ -596,7 +601,7 @@ mod tests {
             "the older checkpoint is dropped"
         );
 
-        sm.apply(vec![entry(6, vec![send(1)])]).await.unwrap();
+        sm.apply_entries(vec![entry(6, vec![send(1)])]).unwrap();
         sm.write_ordered(Vec::new()).await.unwrap();
         let before = sm.shared.digest();
         assert_eq!(before.0, 6);
@@ -635,7 +640,7 @@ mod tests {
         assert_eq!(replay.shared.digest(), installed);
 
         // Garbage is refused and changes nothing.
-        let bad = Box::new(Cursor::new(b"not a snapshot".to_vec()));
+        let bad = Cursor::new(b"not a snapshot".to_vec());
         assert!(follower.install_snapshot(&current.meta, bad).await.is_err());
         assert_eq!(follower.shared.digest(), installed);
         drop((follower, engine_b));

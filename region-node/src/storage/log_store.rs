@@ -9,12 +9,12 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
 
 use super::engine::{LogJob, LogOp, StorageEngine, CF_LOG, CF_META};
 use super::group_key;
-use crate::raft::{NodeId, TypeConfig};
+use crate::raft::{Entry, LogId, TypeConfig, Vote};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -24,7 +24,7 @@ const KEY_PURGED: &[u8] = b"purged";
 #[derive(Default)]
 struct Pending {
     /// Appended entries the writer has not written yet.
-    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    entries: BTreeMap<u64, Entry>,
     /// Queued truncations (index → count): stored entries at or above the lowest are stale.
     truncations: BTreeMap<u64, usize>,
 }
@@ -42,7 +42,7 @@ pub struct LogStore {
     pending: Arc<Mutex<Pending>>,
 }
 
-type StResult<T> = Result<T, StorageError<NodeId>>;
+type StResult<T> = Result<T, std::io::Error>;
 
 impl LogStore {
     pub fn new(group: u32, engine: Arc<dyn StorageEngine>) -> Self {
@@ -76,7 +76,7 @@ impl LogStore {
     }
 
     /// Stored entries in `[start, end)` (end exclusive, `None` unbounded), in order.
-    fn stored(&self, start: u64, end: Option<u64>) -> StResult<Vec<Entry<TypeConfig>>> {
+    fn stored(&self, start: u64, end: Option<u64>) -> StResult<Vec<Entry>> {
         let to = match end {
             Some(e) => self.log_key(e),
             None => group_key(self.group + 1, &[]),
@@ -89,7 +89,7 @@ impl LogStore {
             .collect()
     }
 
-    fn last_stored_below(&self, limit: Option<u64>) -> StResult<Option<LogId<NodeId>>> {
+    fn last_stored_below(&self, limit: Option<u64>) -> StResult<Option<LogId>> {
         let to = match limit {
             Some(0) => return Ok(None),
             Some(l) => self.log_key(l),
@@ -101,7 +101,7 @@ impl LogStore {
             .map_err(|e| read_err(&e))?
         {
             Some((_, v)) => {
-                let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(|e| read_err(&e))?;
+                let e: Entry = bincode::deserialize(&v).map_err(|e| read_err(&e))?;
                 Ok(Some(e.log_id))
             }
             None => Ok(None),
@@ -109,19 +109,19 @@ impl LogStore {
     }
 }
 
-fn read_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
-    StorageIOError::read_logs(e).into()
+fn read_err(e: &impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("reading the raft log: {e}"))
 }
 
-fn write_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
-    StorageIOError::write_logs(e).into()
+fn write_err(e: &impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("writing the raft log: {e}"))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> StResult<Vec<Entry<TypeConfig>>> {
+    ) -> StResult<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => i + 1,
@@ -131,7 +131,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // one of the two.
         let (mut merged, hidden_from) = {
             let p = self.pending.lock().expect("pending lock");
-            let m: BTreeMap<u64, Entry<TypeConfig>> = p
+            let m: BTreeMap<u64, Entry> = p
                 .entries
                 .range(range.clone())
                 .map(|(&i, e)| (i, e.clone()))
@@ -147,13 +147,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(merged.into_values().collect())
     }
+
+    async fn read_vote(&mut self) -> StResult<Option<Vote>> {
+        self.get_meta(KEY_VOTE)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StResult<LogState<TypeConfig>> {
-        let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(KEY_PURGED)?;
+        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_PURGED)?;
         let (pending_last, hidden_from) = {
             let p = self.pending.lock().expect("pending lock");
             (
@@ -175,30 +179,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StResult<()> {
+    async fn save_vote(&mut self, vote: &Vote) -> StResult<()> {
         // A vote must survive a crash before it is answered: synced on its own.
         self.put_meta(KEY_VOTE, vote, true)
-            .map_err(|e| StorageIOError::write_vote(&std::io::Error::other(e.to_string())).into())
     }
 
-    async fn read_vote(&mut self) -> StResult<Option<Vote<NodeId>>> {
-        self.get_meta(KEY_VOTE)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StResult<()> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> StResult<()> {
         // Only a hint for faster re-apply after restart; the next WAL sync persists it.
         self.put_meta(KEY_COMMITTED, &committed, false)
     }
 
-    async fn read_committed(&mut self) -> StResult<Option<LogId<NodeId>>> {
-        Ok(self
-            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
-            .flatten())
+    async fn read_committed(&mut self) -> StResult<Option<LogId>> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StResult<()>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> StResult<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut ops = Vec::new();
@@ -230,14 +227,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         }
                     }
                 }
-                callback.log_io_completed(r)
+                callback.io_completed(r)
             }),
         });
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StResult<()> {
-        let index = log_id.index;
+    async fn truncate_after(&mut self, last: Option<LogId>) -> StResult<()> {
+        let index = last.map_or(0, |l| l.index + 1);
         {
             let mut p = self.pending.lock().expect("pending lock");
             p.entries.split_off(&index);
@@ -269,7 +266,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> StResult<()> {
+    async fn purge(&mut self, log_id: LogId) -> StResult<()> {
         let value = bincode::serialize(&log_id).map_err(|e| write_err(&e))?;
         self.engine.submit(LogJob {
             ops: vec![
@@ -294,14 +291,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use openraft::storage::RaftLogStorageExt;
-    use openraft::{CommittedLeaderId, EntryPayload};
+    use openraft::EntryPayload;
 
     use super::*;
     use crate::storage::Engine;
 
-    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+    fn entry(term: u64, index: u64) -> Entry {
         Entry {
-            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            log_id: LogId::new_term_index(term, index),
             payload: EntryPayload::Blank,
         }
     }
@@ -332,7 +329,7 @@ mod tests {
             );
 
             // Truncate and re-append without waiting: readers never see the stale tail.
-            s.truncate(LogId::new(CommittedLeaderId::new(1, 1), 4))
+            s.truncate_after(Some(LogId::new_term_index(1, 3)))
                 .await
                 .unwrap();
             assert_eq!(terms(&mut s, 3).await, vec![(3, 1)]);
@@ -344,9 +341,7 @@ mod tests {
                 Some((4, 2))
             );
 
-            s.purge(LogId::new(CommittedLeaderId::new(1, 1), 2))
-                .await
-                .unwrap();
+            s.purge(LogId::new_term_index(1, 2)).await.unwrap();
             s.blocking_append([entry(2, 5)]).await.unwrap();
             assert_eq!(terms(&mut s, 0).await, vec![(3, 1), (4, 2), (5, 2)]);
             assert_eq!(

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use meridian_region_node::node::RegionNode;
 use meridian_region_node::raft::NodeId;
 use meridian_region_node::storage::{group_key, CF_LOG};
+use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
 use super::memory_engine::MemoryEngine;
@@ -46,7 +47,7 @@ impl Invariants {
             for g in node.groups() {
                 let (state, term, applied, vote, last_log, leader) = {
                     let m = g.raft.metrics();
-                    let m = m.borrow();
+                    let m = m.borrow_watched();
                     (
                         m.state,
                         m.current_term,

@@ -34,6 +34,7 @@ use meridian_region_node::config::{MemberConfig, NodeConfig, RaftConfig};
 use meridian_region_node::node::{RegionNode, Seams};
 use meridian_region_node::placement::group_of;
 use meridian_region_node::raft::NodeId;
+use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
 use invariants::Invariants;
@@ -278,7 +279,7 @@ fn node_config(id: NodeId) -> NodeConfig {
 async fn boot(id: NodeId, shared: Arc<Shared>) -> turmoil::Result {
     let engine = shared.engines[&id].clone();
     engine.recover();
-    // Real processes never start in the same millisecond. Started together, openraft 0.9's
+    // Real processes never start in the same millisecond. Started together, openraft's
     // ticks line up exactly, and since it draws each node's election timeout once per process,
     // two nodes whose timeouts round to the same tick split every vote forever (seed 1082 did).
     tokio::time::sleep(Duration::from_millis(rng::below(200))).await;
@@ -520,7 +521,11 @@ impl Driver<'_> {
 
     fn leader_of(&self, group: u32) -> Option<NodeId> {
         self.live_nodes().into_iter().find_map(|(id, n)| {
-            let state = n.groups()[group as usize].raft.metrics().borrow().state;
+            let state = n.groups()[group as usize]
+                .raft
+                .metrics()
+                .borrow_watched()
+                .state;
             (state == ServerState::Leader).then_some(id)
         })
     }

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::{self, BoxStream};
+use futures::{FutureExt, StreamExt};
+
 use meridian_api::limits::QueueAttributesPatch;
 use meridian_api::raftpb::GroupMessage;
 use meridian_region_node::node::RegionNode;
@@ -15,7 +18,7 @@ use meridian_region_node::ops::QueueOps;
 use meridian_region_node::raft::NodeId;
 use meridian_region_node::transport::{RpcKind, Transport};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use turmoil::net::{TcpListener, TcpStream};
 
 use super::rng::chance_per_mille;
@@ -36,6 +39,11 @@ pub enum Request {
         payload: Vec<u8>,
     },
     Client(ClientOp),
+    /// Turns the connection into a stream of appends to `group`: one raw request frame after
+    /// another, and from the server one raw reply frame per request, in order.
+    AppendStream {
+        group: u32,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -100,13 +108,13 @@ fn kind_of(c: u8) -> Option<RpcKind> {
     })
 }
 
-async fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_frame(s: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
     s.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
     s.write_all(bytes).await?;
     s.flush().await
 }
 
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+async fn read_frame(s: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -218,7 +226,99 @@ impl Transport for SimTransport {
             }
         }
     }
+
+    fn pipelines_appends(&self) -> bool {
+        true
+    }
+
+    fn append_stream<'a>(
+        &'a self,
+        target: NodeId,
+        _addr: &'a str,
+        group: u32,
+        requests: BoxStream<'static, Vec<u8>>,
+    ) -> BoxStream<'a, Result<Vec<u8>, tonic::Status>> {
+        self.open_stream(target, group, requests)
+    }
 }
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl SimTransport {
+    /// One connection per stream: a task writes the requests as they come, the replies are read
+    /// as they arrive. A lost message (seeded) breaks the stream, as on a real connection, and
+    /// like every failure here it looks like silence, never like a refusal.
+    fn open_stream(
+        &self,
+        target: NodeId,
+        group: u32,
+        mut requests: BoxStream<'static, Vec<u8>>,
+    ) -> BoxStream<'static, Result<Vec<u8>, tonic::Status>> {
+        let faults = self.faults.clone();
+        let open = async move {
+            let mut s = TcpStream::connect((host_name(target).as_str(), PORT))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let hello =
+                bincode::serialize(&Request::AppendStream { group }).map_err(|e| e.to_string())?;
+            write_frame(&mut s, &hello)
+                .await
+                .map_err(|e| format!("open stream: {e}"))?;
+            let (rd, mut wr) = s.into_split();
+            let writer_faults = faults.clone();
+            let writer = AbortOnDrop(tokio::spawn(async move {
+                while let Some(payload) = requests.next().await {
+                    let per_mille = writer_faults.drop_per_mille.load(Ordering::Relaxed);
+                    if chance_per_mille(per_mille) || write_frame(&mut wr, &payload).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }));
+            Ok::<_, String>((rd, writer, faults))
+        };
+        stream::unfold(Some(open.boxed()), move |state| async move {
+            let opened = state?.await;
+            let broken = |e: String| async move {
+                tokio::time::sleep(STREAM_SILENCE).await;
+                Some((
+                    Err(tonic::Status::deadline_exceeded(format!(
+                        "append stream to node {target}: {e}"
+                    ))),
+                    None,
+                ))
+            };
+            let (mut rd, writer, faults) = match opened {
+                Ok(o) => o,
+                Err(e) => return broken(e).await,
+            };
+            match read_frame(&mut rd).await {
+                Ok(reply) => {
+                    let per_mille = faults.drop_per_mille.load(Ordering::Relaxed);
+                    if chance_per_mille(per_mille) {
+                        return broken("reply lost".into()).await;
+                    }
+                    let next = async move { Ok::<_, String>((rd, writer, faults)) }.boxed();
+                    Some((Ok(reply), Some(next)))
+                }
+                // The server ends a stream whose requests ended: the session is over.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+                Err(e) => broken(e.to_string()).await,
+            }
+        })
+        .boxed()
+    }
+}
+
+/// How long a broken append stream stays silent before it reports the break.
+const STREAM_SILENCE: Duration = Duration::from_millis(500);
 
 /// Serves node-to-node RPCs and client operations on this host until the host crashes.
 pub async fn serve(node: Arc<RegionNode>) -> turmoil::Result {
@@ -230,6 +330,10 @@ pub async fn serve(node: Arc<RegionNode>) -> turmoil::Result {
             // Requests one after another until the peer goes away or stays silent (a peer
             // behind a partition never sends its close).
             while let Ok(Ok(frame)) = tokio::time::timeout(IDLE, read_frame(&mut s)).await {
+                if let Ok(Request::AppendStream { group }) = bincode::deserialize(&frame) {
+                    serve_append_stream(&node, group, s).await;
+                    return;
+                }
                 let reply = answer(&node, &frame).await;
                 let Ok(bytes) = bincode::serialize(&reply) else {
                     return;
@@ -239,6 +343,26 @@ pub async fn serve(node: Arc<RegionNode>) -> turmoil::Result {
                 }
             }
         });
+    }
+}
+
+/// Feeds the request frames of an append stream to the node and writes its replies back, until
+/// either side ends (a request stream idle for [`IDLE`] is ended too).
+async fn serve_append_stream(node: &Arc<RegionNode>, group: u32, s: TcpStream) {
+    let (rd, mut wr) = s.into_split();
+    let requests = stream::unfold(rd, |mut rd| async move {
+        match tokio::time::timeout(IDLE, read_frame(&mut rd)).await {
+            Ok(Ok(frame)) => Some((frame, rd)),
+            _ => None,
+        }
+    });
+    let Ok(mut replies) = node.serve_append_stream(group, requests) else {
+        return;
+    };
+    while let Some(reply) = replies.next().await {
+        if write_frame(&mut wr, &reply).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -261,6 +385,9 @@ async fn answer(node: &Arc<RegionNode>, frame: &[u8]) -> Reply {
             None => Reply::Rpc(Err((3, format!("unknown rpc kind {kind}")))),
         },
         Ok(Request::Client(op)) => Reply::Client(client_op(node, op).await),
+        Ok(Request::AppendStream { .. }) => {
+            Reply::Rpc(Err((3, "an append stream opens a connection".into())))
+        }
         Err(e) => Reply::Rpc(Err((3, format!("undecodable request: {e}")))),
     }
 }
