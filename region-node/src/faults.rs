@@ -259,6 +259,14 @@ impl Transport for FaultyTransport {
         reply
     }
 
+    async fn connect(&self, target: NodeId, addr: &str) -> Result<(), tonic::Status> {
+        if self.faults.loses(target) {
+            tokio::time::sleep(STREAM_SILENCE).await;
+            return Err(lost("partitioned: no connection"));
+        }
+        self.inner.connect(target, addr).await
+    }
+
     fn pipelines_appends(&self) -> bool {
         self.inner.pipelines_appends()
     }

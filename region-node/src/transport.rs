@@ -38,6 +38,14 @@ pub trait Transport: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<Vec<u8>, tonic::Status>;
 
+    /// Connects to node `target` if not connected, failing at once if it cannot: an append
+    /// stream opened to a dead node would otherwise fail only inside the stream, where openraft
+    /// does not back off, and retry in a hot loop.
+    async fn connect(&self, target: NodeId, addr: &str) -> Result<(), tonic::Status> {
+        let _ = (target, addr);
+        Ok(())
+    }
+
     /// Whether [`append_stream`](Transport::append_stream) pipelines. If not, openraft sends
     /// appends one at a time with [`call`](Transport::call).
     fn pipelines_appends(&self) -> bool {
@@ -155,6 +163,14 @@ impl Transport for GrpcTransport {
             RpcKind::Forward => client.forward(request).await,
         }?;
         Ok(reply.into_inner().payload)
+    }
+
+    async fn connect(&self, target: NodeId, addr: &str) -> Result<(), tonic::Status> {
+        let channel = self.channel(target, addr)?;
+        tonic::client::Grpc::new(channel)
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("node {target} at {addr}: {e}")))
     }
 
     fn pipelines_appends(&self) -> bool {

@@ -307,6 +307,8 @@ async fn http_push_retries_survive_the_topic_leader_sigkill() {
         ids.len()
     );
     region.spawn(leader);
+    // Serving again before its metrics are scraped below.
+    region.wait_ready(Duration::from_secs(60)).await;
 
     // The replicated schedule agrees: nothing outstanding, each message delivered once.
     let mut settled = None;

@@ -341,7 +341,17 @@ impl RaftNetworkV2<TypeConfig> for GroupConnection {
                 decode(&bytes).map_err(decode_error)?;
             result.map_err(|e| remote_error(target, e))
         });
-        async move { Ok(results.boxed()) }.boxed()
+        let transport = self.transport.clone();
+        let addr = self.addr.clone();
+        async move {
+            // An unreachable follower fails here, where openraft backs off before retrying.
+            transport
+                .connect(target, &addr)
+                .await
+                .map_err(|s| status_error(target, &s))?;
+            Ok(results.boxed())
+        }
+        .boxed()
     }
 
     async fn vote(
