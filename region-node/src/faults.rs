@@ -267,10 +267,6 @@ impl Transport for FaultyTransport {
         self.inner.connect(target, addr).await
     }
 
-    fn pipelines_appends(&self) -> bool {
-        self.inner.pipelines_appends()
-    }
-
     /// Faults act on a stream as on a TCP connection: latency delays every message but keeps
     /// them pipelined; a partition or a lost message breaks the stream (which openraft then
     /// opens again), as nothing is lost from the middle of a live connection.

@@ -46,30 +46,16 @@ pub trait Transport: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether [`append_stream`](Transport::append_stream) pipelines. If not, openraft sends
-    /// appends one at a time with [`call`](Transport::call).
-    fn pipelines_appends(&self) -> bool {
-        false
-    }
-
     /// Opens a stream of appends to `group` on node `target`: `requests` go out in order, each
     /// without waiting for the reply to the last, and the replies come back in the same order.
-    /// An error ends the stream. Only called when [`pipelines_appends`] says so.
-    ///
-    /// [`pipelines_appends`]: Transport::pipelines_appends
+    /// An error ends the stream.
     fn append_stream<'a>(
         &'a self,
         target: NodeId,
         addr: &'a str,
         group: u32,
         requests: BoxStream<'static, Vec<u8>>,
-    ) -> BoxStream<'a, Result<Vec<u8>, tonic::Status>> {
-        let _ = (target, addr, group, requests);
-        stream::once(std::future::ready(Err(tonic::Status::unimplemented(
-            "this transport does not stream appends",
-        ))))
-        .boxed()
-    }
+    ) -> BoxStream<'a, Result<Vec<u8>, tonic::Status>>;
 }
 
 /// Opens the HTTP/2 stream of [`GrpcTransport::append_stream`]. tonic takes the requests from a
@@ -103,8 +89,8 @@ fn open_append_stream(
         .boxed()
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped: a task that feeds a stream stops with the stream.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -171,10 +157,6 @@ impl Transport for GrpcTransport {
             .ready()
             .await
             .map_err(|e| tonic::Status::unavailable(format!("node {target} at {addr}: {e}")))
-    }
-
-    fn pipelines_appends(&self) -> bool {
-        true
     }
 
     /// One HTTP/2 stream for the session: the requests are written as openraft produces them

@@ -105,6 +105,18 @@ pub struct NodeProc {
     pub child: Option<Child>,
 }
 
+impl NodeProc {
+    /// The node's log (its stdout and stderr), beside its config.
+    pub fn log_path(&self) -> PathBuf {
+        self.config_path.with_file_name("node.log")
+    }
+
+    /// The last `lines` lines of the node's log.
+    fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log_path(), lines)
+    }
+}
+
 pub struct Region {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeProc>,
@@ -259,11 +271,10 @@ impl Region {
             None => Command::new(meridian_bin()),
         };
         let n = self.node(id);
-        let log = n.config_path.with_file_name("node.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log)
+            .open(n.log_path())
             .unwrap();
         // `ip netns exec` execs the node, so the child's pid is the node's.
         let child = command
@@ -292,7 +303,7 @@ impl Region {
         self.signal(id, libc::SIGTERM);
         let deadline = std::time::Instant::now() + within;
         let n = self.node(id);
-        let log = n.config_path.with_file_name("node.log");
+        let log = n.log_path();
         let mut child = n.child.take().expect("node is running");
         loop {
             match child.try_wait().expect("wait for node") {
@@ -513,7 +524,7 @@ impl Region {
                     if n.child.as_ref().is_some_and(|c| exited(c.id())) {
                         return Err(NotReady::Exited {
                             id: n.id,
-                            log: tail(&n.config_path.with_file_name("node.log"), 20),
+                            log: n.log_tail(20),
                         });
                     }
                 }
@@ -554,8 +565,7 @@ impl Region {
         let path = self.dir.path().to_path_buf();
         // CI keeps only the output, so the end of every node's log goes there too.
         for n in &self.nodes {
-            let log = n.config_path.with_file_name("node.log");
-            eprintln!("--- end of node {} log ---\n{}", n.id, tail(&log, 40));
+            eprintln!("--- end of node {} log ---\n{}", n.id, n.log_tail(40));
         }
         eprintln!("region data and logs kept at {}", path.display());
         std::mem::forget(std::mem::replace(

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::{
     BatchSendMessageRequest, CreateQueueRequest, QueueNameRequest, SendMessageRequest,
 };
 use meridian_tests::Region;
+use tonic::transport::Channel;
 
 /// What the clients observed: acknowledged sends by message id, and bodies whose send failed
 /// without an answer (they may or may not have been committed).
@@ -17,6 +19,31 @@ use meridian_tests::Region;
 struct History {
     acked: BTreeMap<String, String>,
     indeterminate: BTreeSet<String>,
+}
+
+async fn create_queue(c: &mut QueueServiceClient<Channel>, name: &str) {
+    c.create_queue(CreateQueueRequest {
+        queue_name: name.into(),
+        attributes: None,
+    })
+    .await
+    .unwrap();
+}
+
+/// Sends `body` to `queue`; the message id once acknowledged.
+async fn send(
+    c: &mut QueueServiceClient<Channel>,
+    queue: &str,
+    body: &str,
+) -> Result<String, tonic::Status> {
+    let r = c
+        .send_message(SendMessageRequest {
+            queue_name: queue.into(),
+            msg_body: body.as_bytes().to_vec(),
+            delay_seconds: 0,
+        })
+        .await?;
+    Ok(r.into_inner().msg_id)
 }
 
 async fn queue_group(region: &Region, name: &str) -> u32 {
@@ -72,12 +99,7 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
     const PER_CLIENT: usize = 1000;
     let mut region = Region::start(3, 2).await;
     let mut c = region.client(1).await;
-    c.create_queue(CreateQueueRequest {
-        queue_name: "orders".into(),
-        attributes: None,
-    })
-    .await
-    .unwrap();
+    create_queue(&mut c, "orders").await;
     let group = queue_group(&region, "orders").await;
 
     let history = Arc::new(Mutex::new(History::default()));
@@ -97,20 +119,9 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
                     attempts += 1;
                     assert!(attempts < 600, "send of {body} never succeeded");
                     let mut c = clients[target % clients.len()].clone();
-                    let r = c
-                        .send_message(SendMessageRequest {
-                            queue_name: "orders".into(),
-                            msg_body: body.clone().into_bytes(),
-                            delay_seconds: 0,
-                        })
-                        .await;
-                    match r {
-                        Ok(r) => {
-                            history
-                                .lock()
-                                .unwrap()
-                                .acked
-                                .insert(r.into_inner().msg_id, body.clone());
+                    match send(&mut c, "orders", &body).await {
+                        Ok(id) => {
+                            history.lock().unwrap().acked.insert(id, body.clone());
                             acked.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
@@ -166,12 +177,7 @@ async fn leader_sigkill_mid_stream_loses_nothing() {
 async fn whole_region_sigkill_loses_nothing() {
     let mut region = Region::start(3, 2).await;
     let mut c = region.client(2).await;
-    c.create_queue(CreateQueueRequest {
-        queue_name: "payments".into(),
-        attributes: None,
-    })
-    .await
-    .unwrap();
+    create_queue(&mut c, "payments").await;
     let mut history = History::default();
     for batch in 0..40 {
         let bodies: Vec<String> = (0..16).map(|i| format!("pay-{batch}-{i}")).collect();
@@ -210,12 +216,7 @@ async fn lagging_follower_catches_up_from_snapshot() {
     };
     let mut region = Region::start_with(3, 1, raft).await;
     let mut c = region.client(1).await;
-    c.create_queue(CreateQueueRequest {
-        queue_name: "audit".into(),
-        attributes: None,
-    })
-    .await
-    .unwrap();
+    create_queue(&mut c, "audit").await;
     let leader = region.leader_of(1).await;
     let lagging = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
     region.kill(lagging);
@@ -227,16 +228,7 @@ async fn lagging_follower_catches_up_from_snapshot() {
     let mut history = History::default();
     for i in 0..300 {
         let body = format!("audit-{i}");
-        let id = c
-            .send_message(SendMessageRequest {
-                queue_name: "audit".into(),
-                msg_body: body.clone().into_bytes(),
-                delay_seconds: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .msg_id;
+        let id = send(&mut c, "audit", &body).await.unwrap();
         history.acked.insert(id, body);
     }
     region.spawn(lagging);
@@ -281,12 +273,7 @@ async fn appends_to_followers_are_pipelined() {
     };
     let mut region = Region::start_full(3, 1, raft, true).await;
     let mut c = region.client(1).await;
-    c.create_queue(CreateQueueRequest {
-        queue_name: "ledger".into(),
-        attributes: None,
-    })
-    .await
-    .unwrap();
+    create_queue(&mut c, "ledger").await;
     let group = queue_group(&region, "ledger").await;
     let leader = region.leader_of(group).await;
     meridian_tests::set_faults(
@@ -306,16 +293,7 @@ async fn appends_to_followers_are_pipelined() {
         tasks.push(tokio::spawn(async move {
             for i in 0..10 {
                 let body = format!("entry-{w}-{i}");
-                let id = c
-                    .send_message(SendMessageRequest {
-                        queue_name: "ledger".into(),
-                        msg_body: body.clone().into_bytes(),
-                        delay_seconds: 0,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .msg_id;
+                let id = send(&mut c, "ledger", &body).await.unwrap();
                 history.lock().unwrap().acked.insert(id, body);
             }
         }));

@@ -214,34 +214,26 @@ fn with_reply_deadline<'a>(
         let outstanding = outstanding.clone();
         async move {
             let mut replies = replies?;
-            loop {
+            let reply = loop {
+                // Nothing unanswered: an idle stream waits as long as openraft has nothing to
+                // send, looking again now and then, as a request may go out meanwhile.
                 let oldest = outstanding.oldest();
-                let next = replies.next();
-                let reply = match oldest {
-                    // Nothing unanswered: an idle stream waits as long as openraft has nothing
-                    // to send.
-                    None => {
-                        // Re-check now and then: a request may go out while this waits.
-                        match tokio::time::timeout(wait / 4, next).await {
-                            Ok(r) => r,
-                            Err(_) => continue,
-                        }
+                let until = oldest.map_or_else(|| Instant::now() + wait / 4, |sent| sent + wait);
+                match tokio::time::timeout_at(until, replies.next()).await {
+                    Ok(r) => break r,
+                    Err(_) if oldest.is_none() => continue,
+                    Err(_) => {
+                        let e = tonic::Status::deadline_exceeded(format!(
+                            "no reply to an append within {wait:?}"
+                        ));
+                        return Some((Err(e), None));
                     }
-                    Some(sent) => match tokio::time::timeout_at(sent + wait, next).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            let e = tonic::Status::deadline_exceeded(format!(
-                                "no reply to an append within {wait:?}"
-                            ));
-                            return Some((Err(e), None));
-                        }
-                    },
-                };
-                let reply = reply?;
-                outstanding.answered();
-                let failed = reply.is_err();
-                return Some((reply, (!failed).then_some(replies)));
-            }
+                }
+            };
+            let reply = reply?;
+            outstanding.answered();
+            let failed = reply.is_err();
+            Some((reply, (!failed).then_some(replies)))
         }
     })
 }
@@ -318,37 +310,33 @@ impl RaftNetworkV2<TypeConfig> for GroupConnection {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
-        if !self.transport.pipelines_appends() {
-            return openraft::network::stream_append_sequential(self, input, option);
-        }
-        let outstanding = Outstanding::new(self.stats.clone());
-        let sent = outstanding.clone();
-        let requests = input
-            .flat_map(|req| stream::iter(split(req)))
-            .map(move |bytes| {
-                sent.push();
-                bytes
-            })
-            .boxed();
         let wait = (option.hard_ttl() * 8).max(MIN_STREAM_REPLY_WAIT);
-        let target = self.target;
-        let replies = self
-            .transport
-            .append_stream(target, &self.addr, self.group, requests);
-        let results = with_reply_deadline(replies, outstanding, wait).map(move |r| {
-            let bytes = r.map_err(|s| status_error(target, &s))?;
-            let result: Remote<StreamAppendResult<TypeConfig>> =
-                decode(&bytes).map_err(decode_error)?;
-            result.map_err(|e| remote_error(target, e))
-        });
-        let transport = self.transport.clone();
-        let addr = self.addr.clone();
+        let this = &*self;
         async move {
+            let target = this.target;
             // An unreachable follower fails here, where openraft backs off before retrying.
-            transport
-                .connect(target, &addr)
+            this.transport
+                .connect(target, &this.addr)
                 .await
                 .map_err(|s| status_error(target, &s))?;
+            let outstanding = Outstanding::new(this.stats.clone());
+            let sent = outstanding.clone();
+            let requests = input
+                .flat_map(|req| stream::iter(split(req)))
+                .map(move |bytes| {
+                    sent.push();
+                    bytes
+                })
+                .boxed();
+            let replies = this
+                .transport
+                .append_stream(target, &this.addr, this.group, requests);
+            let results = with_reply_deadline(replies, outstanding, wait).map(move |r| {
+                let bytes = r.map_err(|s| status_error(target, &s))?;
+                let result: Remote<StreamAppendResult<TypeConfig>> =
+                    decode(&bytes).map_err(decode_error)?;
+                result.map_err(|e| remote_error(target, e))
+            });
             Ok(results.boxed())
         }
         .boxed()
@@ -376,6 +364,8 @@ impl RaftNetworkV2<TypeConfig> for GroupConnection {
         };
         let send = self.call(RpcKind::Snapshot, &transfer, option.hard_ttl());
         tokio::select! {
+            // Biased: no unseeded random branch choice in a simulation.
+            biased;
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r.map_err(|e| match e {
                 RPCError::Unreachable(u) => StreamingError::Unreachable(u),

@@ -16,7 +16,7 @@ use meridian_api::raftpb::GroupMessage;
 use meridian_region_node::node::RegionNode;
 use meridian_region_node::ops::QueueOps;
 use meridian_region_node::raft::NodeId;
-use meridian_region_node::transport::{RpcKind, Transport};
+use meridian_region_node::transport::{AbortOnDrop, RpcKind, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use turmoil::net::{TcpListener, TcpStream};
@@ -227,10 +227,6 @@ impl Transport for SimTransport {
         }
     }
 
-    fn pipelines_appends(&self) -> bool {
-        true
-    }
-
     fn append_stream<'a>(
         &'a self,
         target: NodeId,
@@ -239,15 +235,6 @@ impl Transport for SimTransport {
         requests: BoxStream<'static, Vec<u8>>,
     ) -> BoxStream<'a, Result<Vec<u8>, tonic::Status>> {
         self.open_stream(target, group, requests)
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
