@@ -3,6 +3,10 @@
 //! Appends, truncations and purges are queued to the engine's log writer (group commit) and
 //! return at once. Until the writer has applied them, `pending` serves appended entries and
 //! hides entries a queued truncation removes, so readers always see the log openraft expects.
+//!
+//! Written entries stay in memory a while (`recent`, bounded by bytes): right after an append,
+//! openraft reads the same entries again to replicate them and to apply them once committed,
+//! and serving those from RocksDB (seek, copy, decode) cost a leader ~5 % of its CPU.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -20,18 +24,78 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"purged";
 
-/// The part of the log not yet in RocksDB.
+/// Most bytes (encoded) of written entries kept in memory for readers.
+const RECENT_BYTES: usize = 32 << 20;
+
+/// The part of the log not yet in RocksDB, and a copy of its newest written entries.
 #[derive(Default)]
 struct Pending {
     /// Appended entries the writer has not written yet.
     entries: BTreeMap<u64, Entry>,
     /// Queued truncations (index → count): stored entries at or above the lowest are stale.
     truncations: BTreeMap<u64, usize>,
+    /// Written entries with their encoded size: always the newest ones, so together with
+    /// `entries` a contiguous tail of the log.
+    recent: BTreeMap<u64, (Entry, usize)>,
+    recent_bytes: usize,
 }
 
 impl Pending {
     fn hidden_from(&self) -> Option<u64> {
         self.truncations.keys().next().copied()
+    }
+
+    /// The lowest index from which every entry up to the last is in memory, if any is.
+    fn memory_from(&self) -> Option<u64> {
+        let first = self
+            .recent
+            .keys()
+            .next()
+            .or_else(|| self.entries.keys().next())
+            .copied()?;
+        let last = self
+            .entries
+            .keys()
+            .next_back()
+            .or_else(|| self.recent.keys().next_back())
+            .copied()?;
+        let held = (self.recent.len() + self.entries.len()) as u64;
+        // Contiguous by construction; checked, because a gap would make readers skip entries.
+        (last - first + 1 == held).then_some(first)
+    }
+
+    /// Moves a written entry from `entries` to `recent`, unless a truncate-and-reappend has
+    /// replaced it meanwhile (then the newer one stays pending).
+    fn written(&mut self, id: LogId, size: usize) {
+        if self.entries.get(&id.index).map(|e| e.log_id) != Some(id) {
+            return;
+        }
+        if let Some(e) = self.entries.remove(&id.index) {
+            self.recent.insert(id.index, (e, size));
+            self.recent_bytes += size;
+        }
+        while self.recent_bytes > RECENT_BYTES {
+            match self.recent.pop_first() {
+                Some((_, (_, size))) => self.recent_bytes -= size,
+                None => break,
+            }
+        }
+    }
+
+    /// Forgets entries at or above `index` (a truncation).
+    fn drop_from(&mut self, index: u64) {
+        self.entries.split_off(&index);
+        for (_, (_, size)) in self.recent.split_off(&index) {
+            self.recent_bytes -= size;
+        }
+    }
+
+    /// Forgets written entries at or below `index` (a purge).
+    fn drop_through(&mut self, index: u64) {
+        let kept = self.recent.split_off(&(index + 1));
+        for (_, (_, size)) in std::mem::replace(&mut self.recent, kept) {
+            self.recent_bytes -= size;
+        }
     }
 }
 
@@ -127,18 +191,35 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i + 1,
             Bound::Unbounded => 0,
         };
-        // Pending first, then storage: an entry the writer stores in between is then seen in
-        // one of the two.
-        let (mut merged, hidden_from) = {
-            let p = self.pending.lock().expect("pending lock");
-            let m: BTreeMap<u64, Entry> = p
-                .entries
-                .range(range.clone())
-                .map(|(&i, e)| (i, e.clone()))
-                .collect();
-            (m, p.hidden_from())
+        let end = match range.end_bound() {
+            Bound::Included(&i) => Some(i.saturating_add(1)),
+            Bound::Excluded(&i) => Some(i),
+            Bound::Unbounded => None,
         };
-        for e in self.stored(start, hidden_from)? {
+        // Memory first, then storage: an entry the writer stores in between is then seen in
+        // one of the two.
+        let (mut merged, stored_end) = {
+            let p = self.pending.lock().expect("pending lock");
+            // Pending last: it is the newer of the two.
+            let mut m: BTreeMap<u64, Entry> = p
+                .recent
+                .range(range.clone())
+                .map(|(&i, (e, _))| (i, e.clone()))
+                .collect();
+            m.extend(p.entries.range(range.clone()).map(|(&i, e)| (i, e.clone())));
+            let memory_from = p.memory_from();
+            if memory_from.is_some_and(|from| from <= start) {
+                return Ok(m.into_values().collect());
+            }
+            // Storage holds the rest below what memory holds, and nothing a queued truncation
+            // removes.
+            let stored_end = [end, p.hidden_from(), memory_from]
+                .into_iter()
+                .flatten()
+                .min();
+            (m, stored_end)
+        };
+        for e in self.stored(start, stored_end)? {
             let i = e.log_id.index;
             if !range.contains(&i) {
                 break;
@@ -160,10 +241,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self.get_meta(KEY_PURGED)?;
         let (pending_last, hidden_from) = {
             let p = self.pending.lock().expect("pending lock");
-            (
-                p.entries.values().next_back().map(|e| e.log_id),
-                p.hidden_from(),
-            )
+            let last = p.entries.values().next_back().map(|e| e.log_id);
+            // `recent` is the newest written entries and truncations cut it too.
+            let last = last.or_else(|| p.recent.values().next_back().map(|(e, _)| e.log_id));
+            (last, p.hidden_from())
         };
         let last = match pending_last {
             Some(l) => Some(l),
@@ -204,12 +285,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut p = self.pending.lock().expect("pending lock");
             for e in entries {
                 let value = bincode::serialize(&e).map_err(|e| write_err(&e))?;
+                ids.push((e.log_id, value.len()));
                 ops.push(LogOp::Put {
                     cf: CF_LOG,
                     key: self.log_key(e.log_id.index),
                     value,
                 });
-                ids.push(e.log_id);
                 p.entries.insert(e.log_id.index, e);
             }
         }
@@ -220,11 +301,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             done: Box::new(move |r| {
                 if r.is_ok() {
                     let mut p = pending.lock().expect("pending lock");
-                    for id in ids {
-                        // A later truncate-and-reappend may have replaced it: keep that one.
-                        if p.entries.get(&id.index).map(|e| e.log_id) == Some(id) {
-                            p.entries.remove(&id.index);
-                        }
+                    for (id, size) in ids {
+                        p.written(id, size);
                     }
                 }
                 callback.io_completed(r)
@@ -237,7 +315,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let index = last.map_or(0, |l| l.index + 1);
         {
             let mut p = self.pending.lock().expect("pending lock");
-            p.entries.split_off(&index);
+            p.drop_from(index);
             *p.truncations.entry(index).or_default() += 1;
         }
         let pending = self.pending.clone();
@@ -267,6 +345,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> StResult<()> {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .drop_through(log_id.index);
         let value = bincode::serialize(&log_id).map_err(|e| write_err(&e))?;
         self.engine.submit(LogJob {
             ops: vec![
@@ -310,6 +392,82 @@ mod tests {
             .into_iter()
             .map(|e| (e.log_id.index, e.log_id.leader_id.term))
             .collect()
+    }
+
+    /// Random appends, truncations and purges, each read back (memory, storage or both) and
+    /// compared with a model of the log, then once more after reopening.
+    #[tokio::test]
+    async fn reads_match_a_model_of_the_log_whatever_memory_holds() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut purged = 0u64;
+        let mut term = 1u64;
+        {
+            let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+            let mut s = LogStore::new(1, engine);
+            for _ in 0..300 {
+                let last = model.keys().next_back().copied().unwrap_or(purged);
+                match rng.gen_range(0..10) {
+                    0 if last > purged + 1 => {
+                        let to = rng.gen_range(purged + 1..last);
+                        term += 1;
+                        s.truncate_after(Some(LogId::new_term_index(model[&to], to)))
+                            .await
+                            .unwrap();
+                        model.split_off(&(to + 1));
+                    }
+                    1 if last > purged + 2 => {
+                        let to = rng.gen_range(purged + 1..last - 1);
+                        s.purge(LogId::new_term_index(model[&to], to))
+                            .await
+                            .unwrap();
+                        model = model.split_off(&(to + 1));
+                        purged = to;
+                    }
+                    _ => {
+                        let n = rng.gen_range(1..20);
+                        let new: Vec<_> = (last + 1..=last + n).map(|i| entry(term, i)).collect();
+                        if rng.gen_bool(0.5) {
+                            s.blocking_append(new).await.unwrap();
+                        } else {
+                            // Not waited for: readers must see it from memory at once.
+                            s.append(new, IOFlushed::noop()).await.unwrap();
+                        }
+                        model.extend((last + 1..=last + n).map(|i| (i, term)));
+                    }
+                }
+                let last = model.keys().next_back().copied().unwrap_or(purged);
+                let from = rng.gen_range(purged + 1..=last + 1);
+                let to = rng.gen_range(from..=last + 2);
+                let got: Vec<_> = s
+                    .try_get_log_entries(from..to)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+                    .collect();
+                let want: Vec<_> = model.range(from..to).map(|(&i, &t)| (i, t)).collect();
+                assert_eq!(got, want, "entries {from}..{to}");
+                let st = s.get_log_state().await.unwrap();
+                assert_eq!(
+                    st.last_log_id.map(|l| l.index),
+                    Some(last).filter(|&l| l > 0)
+                );
+            }
+            // Everything written by the last blocking call is durable; flush the rest.
+            s.blocking_append([entry(term, model.keys().next_back().unwrap() + 1)])
+                .await
+                .unwrap();
+            let i = *model.keys().next_back().unwrap() + 1;
+            model.insert(i, term);
+        }
+        let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+        let mut s = LogStore::new(1, engine);
+        let got = terms(&mut s, 0).await;
+        let want: Vec<_> = model.iter().map(|(&i, &t)| (i, t)).collect();
+        assert_eq!(got, want, "after reopening");
     }
 
     #[tokio::test]
