@@ -4,6 +4,7 @@
 pub mod cmq_http;
 pub mod error;
 pub mod limits;
+pub mod stream_client;
 pub mod topics;
 
 pub use error::{CmqCode, CmqError, CmqResult};

@@ -616,3 +616,158 @@ async fn concurrent_max_size_messages_all_commit() {
         }
     }
 }
+
+/// `MessageStream` through a node that leads no group of the queue (so every operation is
+/// forwarded): many sends in flight on one stream all commit exactly once, deletes on the
+/// stream remove what was received, and bad operations get their CMQ code in their own reply
+/// while the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_stream_pipelines_sends_and_deletes_with_per_operation_errors() {
+    use meridian_api::stream_client::MessageStreamClient;
+    use std::collections::BTreeSet;
+
+    let region = Region::start(3, 1).await;
+    let mut c = region.client(1).await;
+    c.create_queue(CreateQueueRequest {
+        queue_name: "piped".into(),
+        attributes: Some(QueueAttributes {
+            max_msg_size: Some(1024),
+            visibility_timeout: Some(30),
+            ..attrs()
+        }),
+    })
+    .await
+    .unwrap();
+    let leader = region.leader_of(1).await;
+    let via = region
+        .live_ids()
+        .into_iter()
+        .find(|&i| i != leader)
+        .unwrap();
+    let stream = MessageStreamClient::open(region.channel(via).await.unwrap())
+        .await
+        .unwrap();
+
+    let send = |body: Vec<u8>, queue: &str| {
+        let stream = stream.clone();
+        let queue = queue.to_string();
+        async move {
+            stream
+                .send(SendMessageRequest {
+                    queue_name: queue,
+                    msg_body: body,
+                    delay_seconds: 0,
+                })
+                .await
+        }
+    };
+    // 300 sends at once, with two bad ones among them.
+    let mut calls: Vec<_> = (0..300)
+        .map(|i| futures::future::Either::Left(send(format!("m{i}").into_bytes(), "piped")))
+        .collect();
+    calls.push(futures::future::Either::Right(send(
+        vec![b'x'; 2048],
+        "piped",
+    )));
+    calls.push(futures::future::Either::Right(send(
+        b"lost".to_vec(),
+        "no-such-queue",
+    )));
+    let mut results = futures::future::join_all(calls).await;
+    let missing = results.pop().unwrap().unwrap_err();
+    assert_eq!(missing.code.as_u32(), 4440, "{missing}");
+    let too_big = results.pop().unwrap().unwrap_err();
+    assert_eq!(too_big.code.as_u32(), 4400, "{too_big}");
+    let ids: BTreeSet<String> = results.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(ids.len(), 300, "every send acknowledged with its own id");
+
+    // Receive everything (unary), delete it on the stream, plus one bad handle.
+    let mut got = BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} received",
+            got.len()
+        );
+        let r = c
+            .batch_receive_message(BatchReceiveMessageRequest {
+                queue_name: "piped".into(),
+                num_of_msg: 16,
+                polling_wait_seconds: Some(1),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let deletes = r.messages.into_iter().map(|m| {
+            assert!(got.insert(m.msg_id.clone()), "{} delivered twice", m.msg_id);
+            let stream = stream.clone();
+            async move {
+                stream
+                    .delete(DeleteMessageRequest {
+                        queue_name: "piped".into(),
+                        receipt_handle: m.receipt_handle,
+                    })
+                    .await
+            }
+        });
+        for r in futures::future::join_all(deletes).await {
+            r.unwrap();
+        }
+    }
+    assert_eq!(got, ids);
+    let e = stream
+        .delete(DeleteMessageRequest {
+            queue_name: "piped".into(),
+            receipt_handle: "not-a-handle".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code.as_u32(), 4430, "{e}");
+    let a = c
+        .get_queue_attributes(QueueNameRequest {
+            queue_name: "piped".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (a.active_msg_num, a.inactive_msg_num),
+        (0, 0),
+        "all deleted"
+    );
+
+    // A request without an operation is refused in its reply; the stream still works after.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut replies = c
+        .message_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(StreamRequest { id: 7, op: None }).unwrap();
+    let r = replies.message().await.unwrap().unwrap();
+    assert_eq!(r.id, 7);
+    match r.result {
+        Some(stream_reply::Result::Error(e)) => assert_eq!(e.code, 4000, "{}", e.message),
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+    let send_req = |id, body: &str| StreamRequest {
+        id,
+        op: Some(stream_request::Op::Send(SendMessageRequest {
+            queue_name: "piped".into(),
+            msg_body: body.as_bytes().to_vec(),
+            delay_seconds: 0,
+        })),
+    };
+    tx.send(send_req(8, "after")).unwrap();
+    let r = replies.message().await.unwrap().unwrap();
+    assert!(
+        matches!(r.result, Some(stream_reply::Result::Sent(_))) && r.id == 8,
+        "{r:?}"
+    );
+    drop(tx);
+    assert!(
+        replies.message().await.unwrap().is_none(),
+        "ends with the requests"
+    );
+}

@@ -19,6 +19,7 @@ use meridian_api::pb::cluster_service_client::ClusterServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::topic_service_client::TopicServiceClient;
 use meridian_api::pb::*;
+use meridian_api::stream_client::MessageStreamClient;
 use meridian_api::CmqError;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -27,8 +28,23 @@ use crate::cmq_client::{CmqHttp, CmqReply};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
+    /// One unary gRPC call per operation.
     Grpc,
+    /// Sends and deletes pipelined on `MessageStream` (one stream per connection); receives
+    /// and batch calls stay unary.
+    GrpcStream,
+    /// The CMQ HTTP API with signed requests.
     Http,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::GrpcStream => "grpc-stream",
+            Protocol::Http => "http",
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -217,8 +233,9 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
 /// Where and how the bench talks to the region.
 #[derive(Clone)]
 enum Target {
-    /// A gRPC endpoint of any node; publishers go to each queue's group leader.
-    Grpc { seed: String },
+    /// A gRPC endpoint of any node; publishers go to each queue's group leader. With
+    /// `stream`, sends and deletes use `MessageStream`.
+    Grpc { seed: String, stream: bool },
     /// A CMQ HTTP endpoint with a key pair; the node forwards to leaders itself.
     Http {
         endpoint: String,
@@ -230,6 +247,8 @@ enum Target {
 /// One client connection of either protocol. Errors are CMQ codes (0: transport failure).
 enum Conn {
     Grpc(QueueServiceClient<Channel>),
+    /// Unary calls on the client, sends and deletes (of one body) on the stream.
+    GrpcStream(QueueServiceClient<Channel>, MessageStreamClient),
     Http(CmqHttp),
 }
 
@@ -303,9 +322,41 @@ fn http_code(r: anyhow::Result<CmqReply>) -> Result<CmqReply, u32> {
 }
 
 impl Conn {
+    /// Another handle on the same gRPC connection (and stream); HTTP/1.1 connections are not
+    /// shared.
+    fn share(&self) -> Option<Conn> {
+        match self {
+            Conn::Grpc(c) => Some(Conn::Grpc(c.clone())),
+            Conn::GrpcStream(c, s) => Some(Conn::GrpcStream(c.clone(), s.clone())),
+            Conn::Http(_) => None,
+        }
+    }
+
+    async fn grpc(url: &str, stream: bool) -> anyhow::Result<Conn> {
+        let ch = connect(url).await?;
+        let unary = QueueServiceClient::new(ch.clone());
+        Ok(if stream {
+            let s = MessageStreamClient::open(ch)
+                .await
+                .with_context(|| format!("open a message stream to {url}"))?;
+            Conn::GrpcStream(unary, s)
+        } else {
+            Conn::Grpc(unary)
+        })
+    }
+
     async fn send(&mut self, queue: &str, bodies: Vec<Vec<u8>>) -> Result<(), u32> {
         match self {
-            Conn::Grpc(c) if bodies.len() == 1 => {
+            Conn::GrpcStream(_, s) if bodies.len() == 1 => {
+                let msg_body = bodies.into_iter().next().expect("one body");
+                let req = SendMessageRequest {
+                    queue_name: queue.into(),
+                    msg_body,
+                    delay_seconds: 0,
+                };
+                s.send(req).await.map(|_| ()).map_err(|e| e.code.as_u32())
+            }
+            Conn::Grpc(c) | Conn::GrpcStream(c, _) if bodies.len() == 1 => {
                 let msg_body = bodies.into_iter().next().expect("one body");
                 let req = SendMessageRequest {
                     queue_name: queue.into(),
@@ -314,7 +365,7 @@ impl Conn {
                 };
                 c.send_message(req).await.map(|_| ()).map_err(grpc_code)
             }
-            Conn::Grpc(c) => {
+            Conn::Grpc(c) | Conn::GrpcStream(c, _) => {
                 let req = BatchSendMessageRequest {
                     queue_name: queue.into(),
                     msg_body: bodies,
@@ -348,7 +399,7 @@ impl Conn {
         wait: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, u32> {
         let r = match self {
-            Conn::Grpc(c) => c
+            Conn::Grpc(c) | Conn::GrpcStream(c, _) => c
                 .batch_receive_message(BatchReceiveMessageRequest {
                     queue_name: queue.into(),
                     num_of_msg: n,
@@ -396,6 +447,13 @@ impl Conn {
 
     async fn delete(&mut self, queue: &str, handle: String) -> Result<(), u32> {
         match self {
+            Conn::GrpcStream(_, s) => s
+                .delete(DeleteMessageRequest {
+                    queue_name: queue.into(),
+                    receipt_handle: handle,
+                })
+                .await
+                .map_err(|e| e.code.as_u32()),
             Conn::Grpc(c) => c
                 .delete_message(DeleteMessageRequest {
                     queue_name: queue.into(),
@@ -417,7 +475,7 @@ impl Conn {
 
     async fn create_queue(&mut self, queue: &str) -> Result<(), u32> {
         match self {
-            Conn::Grpc(c) => c
+            Conn::Grpc(c) | Conn::GrpcStream(c, _) => c
                 .create_queue(CreateQueueRequest {
                     queue_name: queue.into(),
                     attributes: Some(QueueAttributes {
@@ -441,7 +499,7 @@ impl Conn {
 
     async fn delete_queue(&mut self, queue: &str) -> Result<(), u32> {
         match self {
-            Conn::Grpc(c) => c
+            Conn::Grpc(c) | Conn::GrpcStream(c, _) => c
                 .delete_queue(QueueNameRequest {
                     queue_name: queue.into(),
                 })
@@ -462,11 +520,11 @@ impl Target {
     /// hop, as peerbench talks to stream/queue leaders); over HTTP to the given node.
     async fn conn_for(&self, queue: &str) -> anyhow::Result<Conn> {
         match self {
-            Target::Grpc { seed } => {
+            Target::Grpc { seed, stream } => {
                 let url = leader_endpoint(seed, queue)
                     .await
                     .unwrap_or_else(|_| seed.clone());
-                Ok(Conn::Grpc(QueueServiceClient::new(connect(&url).await?)))
+                Conn::grpc(&url, *stream).await
             }
             Target::Http {
                 endpoint,
@@ -478,7 +536,9 @@ impl Target {
 
     async fn admin(&self) -> anyhow::Result<Conn> {
         match self {
-            Target::Grpc { seed } => Ok(Conn::Grpc(QueueServiceClient::new(connect(seed).await?))),
+            Target::Grpc { seed, .. } => {
+                Ok(Conn::Grpc(QueueServiceClient::new(connect(seed).await?)))
+            }
             Target::Http {
                 endpoint,
                 secret_id,
@@ -491,7 +551,7 @@ impl Target {
 /// T1's topic: created with one queue subscription per queue.
 async fn create_topic(target: &Target, topic: &str, queues: &[String]) -> anyhow::Result<()> {
     match target {
-        Target::Grpc { seed } => {
+        Target::Grpc { seed, .. } => {
             let mut c = TopicServiceClient::new(connect(seed).await?);
             let e = |s: tonic::Status| anyhow::anyhow!("{}", CmqError::from_status(&s));
             c.create_topic(CreateTopicRequest {
@@ -555,7 +615,7 @@ async fn create_topic(target: &Target, topic: &str, queues: &[String]) -> anyhow
 
 async fn delete_topic(target: &Target, topic: &str, subscriptions: usize) {
     match target {
-        Target::Grpc { seed } => {
+        Target::Grpc { seed, .. } => {
             let Ok(ch) = connect(seed).await else { return };
             let mut c = TopicServiceClient::new(ch);
             for i in 0..subscriptions {
@@ -606,7 +666,7 @@ async fn topic_publisher_conns(
 ) -> anyhow::Result<Vec<(Sender, String)>> {
     let mut out = Vec::with_capacity(n);
     match target {
-        Target::Grpc { seed } => {
+        Target::Grpc { seed, .. } => {
             let ch = connect(seed).await?;
             let group = TopicServiceClient::new(ch.clone())
                 .get_topic_attributes(TopicNameRequest {
@@ -826,29 +886,28 @@ async fn publisher_conns(
 ) -> anyhow::Result<Vec<(Sender, String)>> {
     let mut out = Vec::with_capacity(n);
     match target {
-        Target::Grpc { seed } => {
-            let mut channels: BTreeMap<String, Vec<Channel>> = BTreeMap::new();
+        Target::Grpc { seed, stream } => {
+            // Per leader, `pub_conns` connections (each with one message stream if streaming).
+            let mut conns: BTreeMap<String, Vec<Conn>> = BTreeMap::new();
             let mut url_of = Vec::with_capacity(queues.len());
             for q in queues {
                 let url = leader_endpoint(seed, q).await?;
-                if !channels.contains_key(&url) {
-                    let mut chs = Vec::new();
+                if !conns.contains_key(&url) {
+                    let mut cs = Vec::new();
                     for _ in 0..args.pub_conns.max(1) {
-                        chs.push(connect(&url).await?);
+                        cs.push(Conn::grpc(&url, *stream).await?);
                     }
-                    channels.insert(url.clone(), chs);
+                    conns.insert(url.clone(), cs);
                 }
                 url_of.push(url);
             }
             for i in 0..n {
                 let qi = i % queues.len();
-                let chs = &channels[&url_of[qi]];
-                out.push((
-                    Sender::Queue(Conn::Grpc(QueueServiceClient::new(
-                        chs[i % chs.len()].clone(),
-                    ))),
-                    queues[qi].clone(),
-                ));
+                let cs = &conns[&url_of[qi]];
+                let c = cs[i % cs.len()]
+                    .share()
+                    .expect("gRPC connections are shared");
+                out.push((Sender::Queue(c), queues[qi].clone()));
             }
         }
         Target::Http { .. } => {
@@ -906,7 +965,12 @@ async fn run_workload(
             let recv = target.conn_for(&queues[0]).await?;
             let mut deleters = Vec::new();
             for _ in 0..args.w2_batch.clamp(1, 16) {
-                deleters.push(target.conn_for(&queues[0]).await?);
+                // A stream carries all of a batch's deletes at once: one connection will do.
+                let d = match deleters.first() {
+                    Some(d @ Conn::GrpcStream(..)) => d.share().expect("gRPC"),
+                    _ => target.conn_for(&queues[0]).await?,
+                };
+                deleters.push(d);
             }
             consumers.push((recv, deleters));
         }
@@ -968,7 +1032,7 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
     if args.json {
         let mut v = serde_json::json!({
             "target": "meridian",
-            "protocol": format!("{:?}", args.protocol).to_lowercase(),
+            "protocol": args.protocol.label(),
             "workload": o.workload,
             "msgs_per_s": (rate * 10.0).round() / 10.0,
             "mib_per_s": (mib * 100.0).round() / 100.0,
@@ -1042,7 +1106,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut local = None;
     let target = match (&args.endpoint, args.protocol) {
-        (Some(e), Protocol::Grpc) => Target::Grpc { seed: e.clone() },
+        (Some(e), Protocol::Grpc | Protocol::GrpcStream) => Target::Grpc {
+            seed: e.clone(),
+            stream: args.protocol == Protocol::GrpcStream,
+        },
         (Some(e), Protocol::Http) => match (&args.secret_id, &args.secret_key) {
             (Some(id), Some(key)) => Target::Http {
                 endpoint: e.clone(),
@@ -1068,8 +1135,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
             }
             let target = match protocol {
-                Protocol::Grpc => Target::Grpc {
+                Protocol::Grpc | Protocol::GrpcStream => Target::Grpc {
                     seed: region.grpc[0].clone(),
+                    stream: protocol == Protocol::GrpcStream,
                 },
                 Protocol::Http => {
                     let (secret_id, secret_key) = region.dev_credential().await?;

@@ -2,6 +2,7 @@
 
 mod cluster_api;
 mod credential_api;
+mod message_stream;
 mod queue_api;
 mod raft_service;
 mod topic_api;

@@ -4,7 +4,9 @@ use meridian_api::limits::{DeadLetterPolicy, QueueAttributesPatch};
 use meridian_api::pb::queue_service_server::QueueService;
 use meridian_api::pb::*;
 use meridian_api::CmqResult;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::message_stream;
 
 use crate::node::QueueView;
 use crate::ops::{self, QueueOps, QueuePage};
@@ -187,17 +189,7 @@ impl QueueService for QueueApi {
     }
 
     async fn send_message(&self, req: Request<SendMessageRequest>) -> Reply<SendMessageReply> {
-        let r = req.into_inner();
-        ok(async {
-            let mut ids = self
-                .ops
-                .send(T, &r.queue_name, vec![r.msg_body], r.delay_seconds)
-                .await?;
-            Ok(SendMessageReply {
-                msg_id: ids.pop().unwrap_or_default(),
-            })
-        }
-        .await)
+        ok(message_stream::send(&self.ops, req.into_inner()).await)
     }
 
     async fn batch_send_message(
@@ -241,18 +233,21 @@ impl QueueService for QueueApi {
     }
 
     async fn delete_message(&self, req: Request<DeleteMessageRequest>) -> Reply<Empty> {
-        let r = req.into_inner();
-        ok(async {
-            let mut outcomes = self
-                .ops
-                .delete_messages(T, &r.queue_name, &[r.receipt_handle])
-                .await?;
-            match outcomes.pop().flatten() {
-                Some(e) => Err(e),
-                None => Ok(Empty {}),
-            }
-        }
-        .await)
+        ok(message_stream::delete(&self.ops, req.into_inner())
+            .await
+            .map(|()| Empty {}))
+    }
+
+    type MessageStreamStream = message_stream::Replies;
+
+    async fn message_stream(
+        &self,
+        req: Request<Streaming<StreamRequest>>,
+    ) -> Reply<Self::MessageStreamStream> {
+        Ok(Response::new(message_stream::serve(
+            self.ops.clone(),
+            req.into_inner(),
+        )))
     }
 
     async fn batch_delete_message(
