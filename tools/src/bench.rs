@@ -536,9 +536,7 @@ impl Target {
 
     async fn admin(&self) -> anyhow::Result<Conn> {
         match self {
-            Target::Grpc { seed, .. } => {
-                Ok(Conn::Grpc(QueueServiceClient::new(connect(seed).await?)))
-            }
+            Target::Grpc { seed, .. } => Conn::grpc(seed, false).await,
             Target::Http {
                 endpoint,
                 secret_id,

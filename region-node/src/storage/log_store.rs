@@ -47,18 +47,10 @@ impl Pending {
 
     /// The lowest index from which every entry up to the last is in memory, if any is.
     fn memory_from(&self) -> Option<u64> {
-        let first = self
-            .recent
-            .keys()
-            .next()
-            .or_else(|| self.entries.keys().next())
-            .copied()?;
-        let last = self
-            .entries
-            .keys()
-            .next_back()
-            .or_else(|| self.recent.keys().next_back())
-            .copied()?;
+        // `recent` holds the older written part, `entries` the newer pending one.
+        let mut keys = self.recent.keys().chain(self.entries.keys());
+        let first = *keys.next()?;
+        let last = keys.next_back().map_or(first, |&l| l);
         let held = (self.recent.len() + self.entries.len()) as u64;
         // Contiguous by construction; checked, because a gap would make readers skip entries.
         (last - first + 1 == held).then_some(first)
