@@ -577,7 +577,9 @@ impl Region {
 
 /// Sets the injected faults of node `id` (started with faults enabled), retrying while it starts.
 pub async fn set_faults(region: &Region, id: u64, spec: meridian_api::pb::FaultSpec) {
-    for _ in 0..50 {
+    // A restarted node on a busy 2-core machine can take several seconds to serve again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
         if let Some(ch) = region.channel(id).await {
             let mut client = meridian_api::pb::fault_service_client::FaultServiceClient::new(ch);
             let call = client.set_faults(spec.clone());

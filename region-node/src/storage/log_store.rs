@@ -263,7 +263,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StResult<Option<LogId>> {
-        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        let Some(hint) = self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten() else {
+            return Ok(None);
+        };
+        // A leader commits on its followers' acknowledgements, before its own copy is durable,
+        // and the hint is written outside the log writer's queue: after a crash it can name an
+        // entry this node never stored, or stored from another term. openraft re-applies up to
+        // the hint on startup, so trust it only where the local log holds exactly that entry
+        // (log matching then vouches for everything below it).
+        let local = self.try_get_log_entries(hint.index..=hint.index).await?;
+        Ok(local.first().filter(|e| e.log_id == hint).map(|_| hint))
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> StResult<()>
@@ -460,6 +469,46 @@ mod tests {
         let got = terms(&mut s, 0).await;
         let want: Vec<_> = model.iter().map(|(&i, &t)| (i, t)).collect();
         assert_eq!(got, want, "after reopening");
+    }
+
+    /// The committed hint survives a crash that the entry it names did not (a leader commits
+    /// before its own write lands): it must then not send openraft re-applying into a hole.
+    #[tokio::test]
+    async fn a_committed_hint_ahead_of_the_local_log_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+            LogStore::new(1, engine)
+        };
+        {
+            let mut s = open();
+            s.blocking_append((1..=4).map(|i| entry(1, i)))
+                .await
+                .unwrap();
+            s.save_committed(Some(LogId::new_term_index(1, 5)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            open().read_committed().await.unwrap(),
+            None,
+            "beyond the log"
+        );
+        {
+            let mut s = open();
+            s.save_committed(Some(LogId::new_term_index(2, 4)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(open().read_committed().await.unwrap(), None, "another term");
+        let held = Some(LogId::new_term_index(1, 3));
+        open().save_committed(held).await.unwrap();
+        assert_eq!(open().read_committed().await.unwrap(), held, "held locally");
+        let mut s = open();
+        s.purge(LogId::new_term_index(1, 3)).await.unwrap();
+        s.blocking_append([entry(1, 5)]).await.unwrap();
+        drop(s);
+        assert_eq!(open().read_committed().await.unwrap(), None, "purged");
     }
 
     #[tokio::test]
