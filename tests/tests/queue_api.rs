@@ -466,31 +466,77 @@ async fn api_semantics_and_bad_input() {
     );
 }
 
+/// A base port whose six dev ports (base+1..=3 gRPC, base+11..=13 HTTP) are free right now.
+fn free_dev_base_port() -> u16 {
+    loop {
+        let base = 20_000 + rand::random::<u16>() % 30_000;
+        let free = (1..=3)
+            .chain(11..=13)
+            .all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+/// `meridian dev` up to its `ready` line: the process, its stdout lines, the children's pids
+/// and the ready line. Another test can take a port between the check and the bind; then dev
+/// reports the child that could not bind and this starts again on other ports.
+fn start_dev(
+    dir: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+    Vec<i32>,
+    String,
+) {
+    for attempt in 1..=4 {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let stderr_path = dir.with_extension("stderr");
+        let mut dev = Command::new(meridian_bin())
+            .args(["dev", "--data-dir"])
+            .arg(dir)
+            .args(["--base-port", &free_dev_base_port().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+        let mut pids = Vec::new();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("ready ") => break Some(line),
+                Some(Ok(line)) => {
+                    let pid = line.strip_prefix("node ").and_then(|rest| {
+                        rest.split_whitespace().find_map(|w| w.strip_prefix("pid="))
+                    });
+                    if let Some(pid) = pid {
+                        pids.push(pid.parse::<i32>().unwrap());
+                    }
+                }
+                _ => break None,
+            }
+        };
+        if let Some(ready) = ready {
+            return (dev, lines, pids, ready);
+        }
+        let status = dev.wait().unwrap();
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if attempt < 4 && stderr.contains("in use") {
+            eprintln!("dev could not bind a port; starting again on other ports:\n{stderr}");
+            continue;
+        }
+        panic!("dev exited before ready ({status}):\n{stderr}");
+    }
+    unreachable!("the last attempt returns or panics")
+}
+
 #[test]
 fn dev_region_runs_survives_a_dead_child_and_stops_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = meridian_tests::free_port().saturating_sub(10).max(20000);
-    let mut dev = Command::new(meridian_bin())
-        .args(["dev", "--data-dir"])
-        .arg(dir.path())
-        .args(["--base-port", &base.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let mut pids = Vec::new();
-    let ready = loop {
-        let line = lines.next().expect("dev exited before ready").unwrap();
-        if let Some(rest) = line.strip_prefix("node ") {
-            if let Some(pid) = rest.split_whitespace().find_map(|w| w.strip_prefix("pid=")) {
-                pids.push(pid.parse::<i32>().unwrap());
-            }
-        }
-        if line.starts_with("ready ") {
-            break line;
-        }
-    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let (mut dev, mut lines, pids, ready) = start_dev(&dir);
     assert_eq!(pids.len(), 3);
     let grpc = ready
         .split_whitespace()
@@ -512,7 +558,7 @@ fn dev_region_runs_survives_a_dead_child_and_stops_cleanly() {
     };
     assert!(line.contains("node 3"), "{line}");
     assert!(dev.try_wait().unwrap().is_none(), "dev must keep running");
-    let cfg = dir.path().join("node3").join("node.toml");
+    let cfg = dir.join("node3").join("node.toml");
     let mut restarted = Command::new(meridian_bin())
         .args(["node", "--config"])
         .arg(&cfg)

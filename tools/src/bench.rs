@@ -1117,7 +1117,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             _ => bail!("--protocol http with --endpoint needs --secret-id and --secret-key"),
         },
         (None, protocol) => {
-            let region = crate::dev::LocalRegion::launch(
+            let mut region = crate::dev::LocalRegion::launch(
                 &dir.join("region"),
                 crate::dev::free_base_port(),
                 3,

@@ -245,8 +245,36 @@ impl LocalRegion {
         Ok((r.secret_id, r.secret_key))
     }
 
-    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        wait_ready(&self.grpc[0], timeout).await
+    /// Waits until the region serves, or fails as soon as a node exits meanwhile (a port in
+    /// use, a bad config), with the end of that node's log.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let endpoint = self.grpc[0].clone();
+        let ready = wait_ready(&endpoint, timeout);
+        tokio::pin!(ready);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                r = &mut ready => return r,
+                _ = tick.tick() => self.fail_on_exited_child()?,
+            }
+        }
+    }
+
+    fn fail_on_exited_child(&mut self) -> anyhow::Result<()> {
+        for (id, slot) in self.children.iter_mut() {
+            if let Some(Ok(Some(status))) = slot.as_mut().map(|c| c.try_wait()) {
+                *slot = None;
+                let log_path = self.dir.join(format!("node{id}")).join("node.log");
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                bail!(
+                    "node {id} exited while the region started ({status}); the end of {}:\n{tail}",
+                    log_path.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Reports children that exited since the last call.
