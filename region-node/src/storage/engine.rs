@@ -154,6 +154,18 @@ impl Engine {
         // grow instead of all at their end, so their writeback does not arrive in one burst
         // ahead of the WAL's next fsync (an acknowledgement-latency spike).
         opts.set_bytes_per_sync(1 << 20);
+        // Flushes and compactions write their tables past the page cache. Buffered, a flush
+        // left tens of MiB dirty, and ext4's ordered journal made the WAL's next fsync wait
+        // for all of it: 20-110 ms acknowledgement stalls every few seconds under load (W1
+        // p99 28 ms, p99.9 71 ms; with direct writes 17 and 27).
+        let direct = supports_direct_io(path);
+        opts.set_use_direct_io_for_flush_and_compaction(direct);
+        if !direct {
+            tracing::info!(
+                path = %path.display(),
+                "the file system refuses O_DIRECT; flushes and compactions write through the page cache"
+            );
+        }
         let cfs = ALL_CFS.into_iter().map(|n| {
             let mut cf_opts = Options::default();
             if n == CF_STATE {
@@ -470,6 +482,25 @@ impl FreeSpace {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
+}
+
+/// Whether files under `dir` (created if missing) open with O_DIRECT; tmpfs before Linux 6.6,
+/// for one, refuses it, and RocksDB would then fail its first flush.
+fn supports_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::create_dir_all(dir).is_err() {
+        return false;
+    }
+    let probe = dir.join(".direct-io-probe");
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
 }
 
 fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, space: FreeSpace) {
