@@ -1,10 +1,10 @@
 //! The state machine of one group: the in-memory [`GroupState`], mirrored into RocksDB rows.
 //!
 //! Applying never reads the clock: each command carries the leader's time. The state is served
-//! from memory; after every apply the rows it changed are written (unsynced: the log is what is
-//! durable, and a restart re-applies the log after the index the rows name). A snapshot is a
-//! RocksDB checkpoint: the flush it makes turns the rows durable, and its copy is what a
-//! lagging follower is sent, so logs are only purged up to a state that is on disk.
+//! from memory; after every apply the rows it changed are written to the memtable only (not the
+//! WAL: the log is what is durable, and a restart re-applies the log after the index the flushed
+//! rows name). A snapshot is a RocksDB checkpoint: the flush it makes turns the rows durable, and
+//! its copy is what a lagging follower is sent, so logs are only purged up to a state on disk.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -20,7 +20,7 @@ use super::{Entry, LogId, Membership, Snapshot, SnapshotData, SnapshotMeta, Type
 use crate::command::{Op, OpResult, QueueKey};
 use crate::queue::{group_rows, GroupState, RowOp, TAG_APPLIED};
 use crate::storage::{
-    group_key, run_blocking, LogJob, LogOp, StorageEngine, CF_SNAPSHOT, CF_STATE,
+    group_key, run_blocking, Durability, LogJob, LogOp, StorageEngine, CF_SNAPSHOT, CF_STATE,
 };
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
@@ -282,7 +282,7 @@ impl StateMachineStore {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.engine.submit(LogJob {
             ops,
-            sync: true,
+            durability: Durability::Synced,
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -350,9 +350,10 @@ impl StateMachineStore {
                 }
             }
             if any {
-                // The rows and the applied row in one batch, behind these entries' own
-                // appends: rows on disk are always a state at the index they name. Unsynced:
-                // the log is what is durable; these ride the next fsync.
+                // The rows and the applied row in one batch: rows on disk are always a state
+                // at the index they name. Unlogged: the log is what is durable; the rows reach
+                // disk with the next flush, and after a crash the log is re-applied from the
+                // index the flushed rows name.
                 // The applied row sorts first of the group's rows (its tag is `a`) and no
                 // range deletion covers it, so the batch stays in key order.
                 let mut rows = vec![RowOp::Put(
@@ -363,7 +364,7 @@ impl StateMachineStore {
                 let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
                 self.engine.submit(LogJob {
                     ops,
-                    sync: false,
+                    durability: Durability::Unlogged,
                     done: Box::new(|r| {
                         if let Err(e) = r {
                             tracing::error!("writing state rows: {e}");

@@ -44,11 +44,34 @@ pub enum LogOp {
     },
 }
 
+impl LogOp {
+    fn cf(&self) -> &'static str {
+        match self {
+            LogOp::Put { cf, .. } | LogOp::Delete { cf, .. } | LogOp::DeleteRange { cf, .. } => cf,
+        }
+    }
+}
+
+/// How durable a job is when its `done` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// In the WAL, fsynced (log appends, ordered state writes).
+    Synced,
+    /// In the WAL, riding the next fsync (truncations and purges: the next append's sync
+    /// makes them durable in order).
+    Logged,
+    /// Only in the memtable until RocksDB flushes it; a crash loses it. For the state
+    /// machine's rows after each apply: the log is what is durable, a restart re-applies it
+    /// after the index the flushed rows name, and logs are purged only behind a snapshot,
+    /// whose checkpoint flushes the rows first. Kept out of the WAL, each message body is
+    /// written to it once (in its log entry) instead of twice.
+    Unlogged,
+}
+
 /// Changes written together, then `done` with the outcome.
 pub struct LogJob {
     pub ops: Vec<LogOp>,
-    /// Whether the job needs the WAL fsynced before `done` (appends do; purges need not).
-    pub sync: bool,
+    pub durability: Durability,
     pub done: Box<dyn FnOnce(io::Result<()>) + Send>,
 }
 
@@ -525,19 +548,36 @@ fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, s
         }
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
+        let sync = jobs.iter().any(|j| j.durability == Durability::Synced);
+        // Unlogged rows go in a batch of their own, written first, unless a logged job in the
+        // same round writes state rows too (an ordered write, e.g. an installed snapshot):
+        // then everything goes through the WAL in submission order.
+        let split = !jobs.iter().any(|j| {
+            j.durability != Durability::Unlogged && j.ops.iter().any(|op| op.cf() == CF_STATE)
+        });
         let mut ops = Vec::new();
-        let mut sync = false;
+        let mut unlogged = Vec::new();
         let mut dones = Vec::with_capacity(jobs.len());
         for job in jobs {
-            sync |= job.sync;
-            ops.extend(job.ops);
+            if split && job.durability == Durability::Unlogged {
+                unlogged.extend(job.ops);
+            } else {
+                ops.extend(job.ops);
+            }
             dones.push(job.done);
         }
-        let batch = batch_of(&db, ops);
+        let mut result = Ok(());
+        if !unlogged.is_empty() {
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            result = db.write_opt(batch_of(&db, unlogged), &wo);
+        }
         let started = Instant::now();
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        let result = db.write_opt(batch, &wo);
+        if result.is_ok() && !ops.is_empty() {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(sync);
+            result = db.write_opt(batch_of(&db, ops), &wo);
+        }
         if sync {
             m.sync_micros
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -552,5 +592,55 @@ fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, s
         for done in dones {
             done(result.clone().map_err(|e| io::Error::other(e.to_string())));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(cf: &'static str, key: &[u8], value: &[u8]) -> LogOp {
+        LogOp::Put {
+            cf,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }
+    }
+
+    fn submit(e: &Engine, op: LogOp, durability: Durability) -> mpsc::Receiver<io::Result<()>> {
+        let (tx, rx) = mpsc::channel();
+        e.submit(LogJob {
+            ops: vec![op],
+            durability,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx
+    }
+
+    /// Unlogged rows may be written ahead of logged jobs of the same round, but never ahead
+    /// of a logged write to the same column family; and a clean close keeps them.
+    #[test]
+    fn unlogged_rows_keep_submission_order_and_survive_a_clean_close() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = Engine::open(dir.path(), 0).unwrap();
+            let done = [
+                submit(&e, put(CF_STATE, b"k", b"a"), Durability::Unlogged),
+                submit(&e, put(CF_LOG, b"l", b"1"), Durability::Synced),
+                submit(&e, put(CF_STATE, b"k", b"b"), Durability::Synced),
+                submit(&e, put(CF_STATE, b"k", b"c"), Durability::Unlogged),
+                submit(&e, put(CF_STATE, b"u", b"x"), Durability::Unlogged),
+            ];
+            for rx in done {
+                rx.recv().unwrap().unwrap();
+            }
+            assert_eq!(e.get(CF_STATE, b"k").unwrap().as_deref(), Some(&b"c"[..]));
+        }
+        let e = Engine::open(dir.path(), 0).unwrap();
+        assert_eq!(e.get(CF_STATE, b"k").unwrap().as_deref(), Some(&b"c"[..]));
+        assert_eq!(e.get(CF_STATE, b"u").unwrap().as_deref(), Some(&b"x"[..]));
+        assert_eq!(e.get(CF_LOG, b"l").unwrap().as_deref(), Some(&b"1"[..]));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
-use super::engine::{LogJob, LogOp, StorageEngine, CF_LOG, CF_META};
+use super::engine::{Durability, LogJob, LogOp, StorageEngine, CF_LOG, CF_META};
 use super::group_key;
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 
@@ -298,7 +298,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let pending = self.pending.clone();
         self.engine.submit(LogJob {
             ops,
-            sync: true,
+            durability: Durability::Synced,
             done: Box::new(move |r| {
                 if r.is_ok() {
                     let mut p = pending.lock().expect("pending lock");
@@ -327,7 +327,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 to: self.log_key(u64::MAX),
             }],
             // Not acknowledged by itself: the next append's sync makes it durable, in order.
-            sync: false,
+            durability: Durability::Logged,
             done: Box::new(move |r| {
                 if r.is_err() {
                     // Keep hiding the stale tail; the same failed batch failed later appends too.
@@ -364,7 +364,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     to: self.log_key(log_id.index + 1),
                 },
             ],
-            sync: false,
+            durability: Durability::Logged,
             done: Box::new(|_| {}),
         });
         Ok(())
