@@ -507,7 +507,7 @@ impl RegionNode {
                 let t: SnapshotTransfer = decode(&msg.payload).map_err(bad)?;
                 let snapshot = crate::raft::Snapshot {
                     meta: t.meta,
-                    snapshot: std::io::Cursor::new(t.data),
+                    snapshot: crate::raft::SnapshotData::Encoded(t.data),
                 };
                 encode(&remote(
                     raft()?.install_full_snapshot(t.vote, snapshot).await,

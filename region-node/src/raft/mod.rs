@@ -6,8 +6,6 @@ pub mod runtime;
 pub mod state_machine;
 pub mod watch;
 
-use std::io::Cursor;
-
 use crate::command::{CommandBatch, OpResult};
 
 pub type NodeId = u64;
@@ -28,8 +26,7 @@ openraft::declare_raft_types!(
         AsyncRuntime = runtime::MeridianRuntime,
 );
 
-/// A snapshot as it travels: the encoded rows of one group (see `state_machine`).
-pub type SnapshotData = Cursor<Vec<u8>>;
+pub use state_machine::SnapshotData;
 
 pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachineStore>;
 pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;

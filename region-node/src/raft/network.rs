@@ -357,10 +357,14 @@ impl RaftNetworkV2<TypeConfig> for GroupConnection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // Read from its checkpoint only now, to be sent; if a newer snapshot replaced it
+        // meanwhile, openraft tries again with that one.
+        let data = crate::storage::run_blocking(|| snapshot.snapshot.into_encoded())
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let transfer = SnapshotTransfer {
             vote,
             meta: snapshot.meta,
-            data: snapshot.snapshot.into_inner(),
+            data,
         };
         let send = self.call(RpcKind::Snapshot, &transfer, option.hard_ttl());
         tokio::select! {

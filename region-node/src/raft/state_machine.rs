@@ -7,7 +7,6 @@
 //! its copy is what a lagging follower is sent, so logs are only purged up to a state on disk.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{Stream, StreamExt};
@@ -16,7 +15,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{Entry, LogId, Membership, Snapshot, SnapshotData, SnapshotMeta, TypeConfig};
+use super::{Entry, LogId, Membership, Snapshot, SnapshotMeta, TypeConfig};
 use crate::command::{Op, OpResult, QueueKey};
 use crate::queue::{group_rows, GroupState, RowOp, TAG_APPLIED};
 use crate::storage::{
@@ -117,6 +116,39 @@ struct StoredSnapshot {
     /// Name of the engine checkpoint (`g<group>-<seq>`).
     checkpoint: String,
     seq: u64,
+}
+
+/// A group's snapshot rows as openraft passes them around: encoded (as a leader sent them), or
+/// still in the checkpoint that holds them, read only when a follower is sent them. openraft
+/// keeps only the meta of a snapshot it builds and asks for the current one again to send it,
+/// so building or naming a snapshot never loads the group's whole state.
+pub enum SnapshotData {
+    Encoded(Vec<u8>),
+    InCheckpoint {
+        store: StateMachineStore,
+        checkpoint: String,
+    },
+}
+
+impl SnapshotData {
+    /// The encoded rows; reads the checkpoint (blocking) if they are still there.
+    pub fn into_encoded(self) -> StResult<Vec<u8>> {
+        match self {
+            SnapshotData::Encoded(data) => Ok(data),
+            SnapshotData::InCheckpoint { store, checkpoint } => store.read_checkpoint(&checkpoint),
+        }
+    }
+}
+
+impl std::fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotData::Encoded(data) => write!(f, "Encoded({} bytes)", data.len()),
+            SnapshotData::InCheckpoint { checkpoint, .. } => {
+                write!(f, "InCheckpoint({checkpoint})")
+            }
+        }
+    }
 }
 
 /// What goes over the wire to a follower: the group's rows as the checkpoint holds them.
@@ -228,8 +260,9 @@ impl StateMachineStore {
     /// Makes a checkpoint and records it as the group's snapshot, unless a newer one is
     /// recorded (a slow build racing an install must not replace it: logs up to the newer one
     /// may already be purged); then drops the checkpoint no longer named. Returns the
-    /// snapshot's meta (from the checkpoint's own applied row) and its rows, encoded.
-    fn take_snapshot(&self) -> StResult<(SnapshotMeta, Vec<u8>)> {
+    /// snapshot's meta (from the checkpoint's own applied row) and the checkpoint's name. Only
+    /// the applied row is read: the rows stay in the checkpoint until a follower is sent them.
+    fn take_snapshot(&self) -> StResult<(SnapshotMeta, String)> {
         let _serial = self
             .shared
             .snapshot_store
@@ -239,23 +272,23 @@ impl StateMachineStore {
         let seq = previous.as_ref().map_or(1, |r| r.seq + 1);
         let name = format!("g{}-{seq}", self.group);
         self.engine.checkpoint(&name).map_err(|e| sm_err(&e))?;
-        let (from, to) = group_rows(self.group);
+        let applied_key = applied_key(self.group);
+        let just_after = [applied_key.as_slice(), &[0]].concat();
         let rows = self
             .engine
-            .scan_checkpoint(&name, CF_STATE, &from, &to)
+            .scan_checkpoint(&name, CF_STATE, &applied_key, &just_after)
             .map_err(|e| snap_err(&e))?;
         let (last_applied, membership) = applied_of_rows(self.group, &rows)?;
         let meta = SnapshotMeta {
             last_log_id: last_applied,
             last_membership: membership,
         };
-        let data = encode_rows(rows)?;
         let stale = match &previous {
-            Some(current) if current.meta.last_log_id > meta.last_log_id => Some(name),
+            Some(current) if current.meta.last_log_id > meta.last_log_id => Some(name.clone()),
             _ => {
                 let stored = StoredSnapshot {
                     meta: meta.clone(),
-                    checkpoint: name,
+                    checkpoint: name.clone(),
                     seq,
                 };
                 let op = LogOp::Put {
@@ -273,7 +306,28 @@ impl StateMachineStore {
                 .remove_checkpoint(&stale)
                 .map_err(|e| sm_err(&e))?;
         }
-        Ok((meta, data))
+        Ok((meta, name))
+    }
+
+    /// The encoded rows of checkpoint `name`, if it is still the group's snapshot (a newer
+    /// one may have replaced and removed it since it was named).
+    fn read_checkpoint(&self, name: &str) -> StResult<Vec<u8>> {
+        let _serial = self
+            .shared
+            .snapshot_store
+            .lock()
+            .expect("snapshot store lock");
+        if self.load_record()?.map(|r| r.checkpoint).as_deref() != Some(name) {
+            return Err(snap_err(&format!(
+                "checkpoint {name} was replaced by a newer snapshot"
+            )));
+        }
+        let (from, to) = group_rows(self.group);
+        let rows = self
+            .engine
+            .scan_checkpoint(name, CF_STATE, &from, &to)
+            .map_err(|e| snap_err(&e))?;
+        encode_rows(rows)
     }
 
     /// Writes `ops` behind everything queued before (state rows of earlier applies among
@@ -310,10 +364,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StResult<Snapshot> {
         // Behind the rows of every apply so far, so the snapshot is as recent as openraft asks.
         self.write_ordered(Vec::new()).await?;
-        let (meta, data) = run_blocking(|| self.take_snapshot())?;
+        let (meta, checkpoint) = run_blocking(|| self.take_snapshot())?;
         Ok(Snapshot {
             meta,
-            snapshot: Cursor::new(data),
+            snapshot: SnapshotData::InCheckpoint {
+                store: self.clone(),
+                checkpoint,
+            },
         })
     }
 }
@@ -419,7 +476,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> StResult<()> {
-        let data = snapshot.into_inner();
+        let data = run_blocking(|| snapshot.into_encoded())?;
         let SnapshotRows { rows } = bincode::deserialize(&data).map_err(|e| sm_err(&e))?;
         let (from, to) = group_rows(self.group);
         let applied_key = applied_key(self.group);
@@ -471,25 +528,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot>> {
-        run_blocking(|| {
+        let stored = run_blocking(|| {
             let _serial = self
                 .shared
                 .snapshot_store
                 .lock()
                 .expect("snapshot store lock");
-            let Some(stored) = self.load_record()? else {
-                return Ok(None);
-            };
-            let (from, to) = group_rows(self.group);
-            let rows = self
-                .engine
-                .scan_checkpoint(&stored.checkpoint, CF_STATE, &from, &to)
-                .map_err(|e| snap_err(&e))?;
-            Ok(Some(Snapshot {
-                meta: stored.meta,
-                snapshot: Cursor::new(encode_rows(rows)?),
-            }))
-        })
+            self.load_record()
+        })?;
+        Ok(stored.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: SnapshotData::InCheckpoint {
+                store: self.clone(),
+                checkpoint: stored.checkpoint,
+            },
+        }))
     }
 }
 
@@ -595,7 +648,18 @@ mod tests {
 
         sm.apply_entries(vec![entry(5, vec![send(5)])]).unwrap();
         let second = build(&mut sm).await;
+        // A built snapshot names its checkpoint; the rows are read only when sent, and one a
+        // newer snapshot replaced cannot be read (openraft then sends the newer one).
+        assert!(format!("{:?}", second.snapshot).contains("g1-2"));
+        let replaced = first.snapshot.into_encoded().unwrap_err().to_string();
+        assert!(replaced.contains("replaced"), "{replaced}");
         assert_eq!(second.meta.last_log_id.map(|l| l.index), Some(5));
+        // A snapshot handle holds the store (and so the engine) open.
+        let Snapshot {
+            meta: second,
+            snapshot,
+        } = second;
+        drop(snapshot);
         assert_eq!(
             engine.checkpoints().unwrap(),
             ["g1-2"],
@@ -618,7 +682,7 @@ mod tests {
         );
         assert_eq!(engine.checkpoints().unwrap(), ["g1-2"]);
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
-        assert_eq!(current.meta, second.meta);
+        assert_eq!(current.meta, second);
 
         // A follower installs it, and has the state at index 5 and a checkpoint of its own.
         let b = tempfile::tempdir().unwrap();
@@ -641,7 +705,7 @@ mod tests {
         assert_eq!(replay.shared.digest(), installed);
 
         // Garbage is refused and changes nothing.
-        let bad = Cursor::new(b"not a snapshot".to_vec());
+        let bad = SnapshotData::Encoded(b"not a snapshot".to_vec());
         assert!(follower.install_snapshot(&current.meta, bad).await.is_err());
         assert_eq!(follower.shared.digest(), installed);
         drop((follower, engine_b));
