@@ -466,19 +466,6 @@ async fn api_semantics_and_bad_input() {
     );
 }
 
-/// A base port whose six dev ports (base+1..=3 gRPC, base+11..=13 HTTP) are free right now.
-fn free_dev_base_port() -> u16 {
-    loop {
-        let base = 20_000 + rand::random::<u16>() % 30_000;
-        let free = (1..=3)
-            .chain(11..=13)
-            .all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if free {
-            return base;
-        }
-    }
-}
-
 /// `meridian dev` up to its `ready` line: the process, its stdout lines, the children's pids
 /// and the ready line. Another test can take a port between the check and the bind; then dev
 /// reports the child that could not bind and this starts again on other ports.
@@ -497,7 +484,7 @@ fn start_dev(
         let mut dev = Command::new(meridian_bin())
             .args(["dev", "--data-dir"])
             .arg(dir)
-            .args(["--base-port", &free_dev_base_port().to_string()])
+            .args(["--base-port", "0"])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()

@@ -24,7 +24,8 @@ pub struct DevArgs {
     /// An existing directory with configs is reused (its region restarts with its data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Node <id> serves gRPC on base-port + id and the CMQ HTTP API on base-port + 10 + id.
+    /// Node <id> serves gRPC on base-port + id and the CMQ HTTP API on base-port + 10 + id;
+    /// 0 picks a base whose ports are free now.
     #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
     base_port: u16,
     /// Number of data groups (besides the metadata group).
@@ -261,34 +262,38 @@ impl LocalRegion {
     }
 
     fn fail_on_exited_child(&mut self) -> anyhow::Result<()> {
-        for (id, slot) in self.children.iter_mut() {
-            if let Some(Ok(Some(status))) = slot.as_mut().map(|c| c.try_wait()) {
-                *slot = None;
-                let log_path = self.dir.join(format!("node{id}")).join("node.log");
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-                bail!(
-                    "node {id} exited while the region started ({status}); the end of {}:\n{tail}",
-                    log_path.display()
-                );
-            }
+        if let Some((id, status)) = self.exited().into_iter().next() {
+            let log_path = self.dir.join(format!("node{id}")).join("node.log");
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            bail!(
+                "node {id} exited while the region started ({status}); the end of {}:\n{tail}",
+                log_path.display()
+            );
         }
         Ok(())
     }
 
+    /// Children that exited since the last call (their slots are cleared).
+    fn exited(&mut self) -> Vec<(u64, std::process::ExitStatus)> {
+        let mut out = Vec::new();
+        for (id, slot) in self.children.iter_mut() {
+            if let Some(Ok(Some(status))) = slot.as_mut().map(|c| c.try_wait()) {
+                *slot = None;
+                out.push((*id, status));
+            }
+        }
+        out
+    }
+
     /// Reports children that exited since the last call.
     fn reap(&mut self) {
-        for (id, slot) in self.children.iter_mut() {
-            if let Some(child) = slot {
-                if let Ok(Some(status)) = child.try_wait() {
-                    println!(
-                        "node {id} exited: {status} (restart it with: meridian node --config {})",
-                        config_path(&self.dir, *id).display()
-                    );
-                    *slot = None;
-                }
-            }
+        for (id, status) in self.exited() {
+            println!(
+                "node {id} exited: {status} (restart it with: meridian node --config {})",
+                config_path(&self.dir, id).display()
+            );
         }
     }
 
@@ -338,7 +343,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .keep(),
     };
     println!("data-dir {}", dir.display());
-    let mut region = LocalRegion::launch(&dir, args.base_port, args.data_groups, args.tls, true)?;
+    let base_port = match args.base_port {
+        0 => free_base_port(),
+        p => p,
+    };
+    let mut region = LocalRegion::launch(&dir, base_port, args.data_groups, args.tls, true)?;
     if let Err(e) = region
         .wait_ready(Duration::from_secs(args.ready_timeout))
         .await

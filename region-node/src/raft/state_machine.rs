@@ -528,14 +528,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot>> {
-        let stored = run_blocking(|| {
-            let _serial = self
-                .shared
-                .snapshot_store
-                .lock()
-                .expect("snapshot store lock");
-            self.load_record()
-        })?;
+        // Only the record, one point read: the rows are read if and when the snapshot is sent.
+        let stored = run_blocking(|| self.load_record())?;
         Ok(stored.map(|stored| Snapshot {
             meta: stored.meta,
             snapshot: SnapshotData::InCheckpoint {

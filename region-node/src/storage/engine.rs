@@ -573,6 +573,8 @@ fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, s
             result = db.write_opt(batch_of(&db, unlogged), &wo);
         }
         let started = Instant::now();
+        // A synced job without ops (an ordering barrier) needs no fsync of its own.
+        let sync = sync && !ops.is_empty();
         if result.is_ok() && !ops.is_empty() {
             let mut wo = WriteOptions::default();
             wo.set_sync(sync);
