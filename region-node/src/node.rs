@@ -30,7 +30,7 @@ use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::receipt::ReceiptSigner;
 use crate::replay::NonceCheck;
-use crate::storage::{Engine, LogStore, StorageEngine, Tuning};
+use crate::storage::{Engine, LogStore, StorageEngine};
 use crate::topic::{SubscriptionView, TopicView};
 use crate::transport::{GrpcTransport, RpcKind, Transport};
 
@@ -231,14 +231,7 @@ impl RegionNode {
             NodeError::Storage(format!("create {}: {e}", config.data_dir.display()))
         })?;
         let mut seams = Seams {
-            engine: Arc::new(Engine::open_tuned(
-                &config.data_dir.join("db"),
-                Tuning {
-                    min_free_bytes: config.storage.min_free_mib << 20,
-                    write_buffer_bytes: config.storage.write_buffer_mib << 20,
-                    flush_rate_bytes_per_s: config.storage.flush_rate_mib_per_s << 20,
-                },
-            )?),
+            engine: Arc::new(Engine::open(&config.data_dir.join("db"), &config.storage)?),
             transport: Arc::new(GrpcTransport::default()),
             clock: Arc::new(SystemClock),
         };

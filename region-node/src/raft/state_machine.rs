@@ -590,7 +590,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> (Arc<dyn StorageEngine>, StateMachineStore) {
-        let engine: Arc<dyn StorageEngine> = Arc::new(Engine::open(dir, 0).unwrap());
+        let engine: Arc<dyn StorageEngine> = Arc::new(Engine::open_unreserved(dir).unwrap());
         let sm = StateMachineStore::open(1, 1, engine.clone()).unwrap();
         (engine, sm)
     }

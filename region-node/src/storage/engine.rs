@@ -17,6 +17,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
+use crate::config::StorageConfig;
 use crate::error::NodeError;
 
 pub const CF_LOG: &str = "log";
@@ -153,44 +154,9 @@ pub struct Engine {
     pub metrics: Arc<StorageMetrics>,
 }
 
-/// How the engine sizes and paces RocksDB (see `StorageConfig` for why).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tuning {
-    /// Free space its file system must keep (0: no reserve).
-    pub min_free_bytes: u64,
-    /// Memtable size of each column family.
-    pub write_buffer_bytes: u64,
-    /// Most bytes per second flushes and compactions write (0: no limit).
-    pub flush_rate_bytes_per_s: u64,
-}
-
-impl Tuning {
-    /// RocksDB's own sizes and no reserve: for tests.
-    pub fn plain() -> Self {
-        Self {
-            min_free_bytes: 0,
-            write_buffer_bytes: 64 << 20,
-            flush_rate_bytes_per_s: 0,
-        }
-    }
-}
-
 impl Engine {
-    /// Opens (or creates) the database at `path`; `min_free_bytes` is the free space its file
-    /// system must keep (0: no reserve).
-    pub fn open(path: &Path, min_free_bytes: u64) -> Result<Self, NodeError> {
-        Self::open_tuned(
-            path,
-            Tuning {
-                min_free_bytes,
-                ..Tuning::plain()
-            },
-        )
-    }
-
-    /// Opens (or creates) the database at `path`, sized and paced by `tuning`.
-    pub fn open_tuned(path: &Path, tuning: Tuning) -> Result<Self, NodeError> {
-        let min_free_bytes = tuning.min_free_bytes;
+    /// Opens (or creates) the database at `path`, sized, paced and guarded as `storage` says.
+    pub fn open(path: &Path, storage: &StorageConfig) -> Result<Self, NodeError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -217,18 +183,18 @@ impl Engine {
         // p99 28 ms, p99.9 71 ms; with direct writes 17 and 27).
         let direct = supports_direct_io(path);
         opts.set_use_direct_io_for_flush_and_compaction(direct);
-        if tuning.flush_rate_bytes_per_s > 0 {
-            // Refilled every 10 ms, so a flush writes in small steps between the WAL's fsyncs.
-            let rate = i64::try_from(tuning.flush_rate_bytes_per_s).unwrap_or(i64::MAX);
-            opts.set_ratelimiter(rate, 10_000, 10);
-        }
-        let write_buffer = usize::try_from(tuning.write_buffer_bytes).unwrap_or(usize::MAX);
         if !direct {
             tracing::info!(
                 path = %path.display(),
                 "the file system refuses O_DIRECT; flushes and compactions write through the page cache"
             );
         }
+        if storage.flush_rate_mib_per_s > 0 {
+            // Refilled every 10 ms, so a flush writes in small steps between the WAL's fsyncs.
+            let rate = i64::try_from(storage.flush_rate_mib_per_s << 20).unwrap_or(i64::MAX);
+            opts.set_ratelimiter(rate, 10_000, 10);
+        }
+        let write_buffer = usize::try_from(storage.write_buffer_mib << 20).unwrap_or(usize::MAX);
         let cfs = ALL_CFS.into_iter().map(|n| {
             let mut cf_opts = Options::default();
             cf_opts.set_write_buffer_size(write_buffer);
@@ -253,7 +219,7 @@ impl Engine {
         let m = metrics.clone();
         let space = FreeSpace {
             path: path.to_path_buf(),
-            min_free_bytes,
+            min_free_bytes: storage.min_free_mib << 20,
         };
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
@@ -280,6 +246,18 @@ impl Engine {
         self.db
             .cf_handle(name)
             .expect("column families are created at open")
+    }
+}
+
+#[cfg(test)]
+impl Engine {
+    /// The default engine without a free-space reserve (test directories are small).
+    pub fn open_unreserved(path: &Path) -> Result<Self, NodeError> {
+        let storage = StorageConfig {
+            min_free_mib: 0,
+            ..StorageConfig::default()
+        };
+        Self::open(path, &storage)
     }
 }
 
@@ -668,7 +646,7 @@ mod tests {
     fn unlogged_rows_keep_submission_order_and_survive_a_clean_close() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let e = Engine::open(dir.path(), 0).unwrap();
+            let e = Engine::open_unreserved(dir.path()).unwrap();
             let done = [
                 submit(&e, put(CF_STATE, b"k", b"a"), Durability::Unlogged),
                 submit(&e, put(CF_LOG, b"l", b"1"), Durability::Synced),
@@ -681,7 +659,7 @@ mod tests {
             }
             assert_eq!(e.get(CF_STATE, b"k").unwrap().as_deref(), Some(&b"c"[..]));
         }
-        let e = Engine::open(dir.path(), 0).unwrap();
+        let e = Engine::open_unreserved(dir.path()).unwrap();
         assert_eq!(e.get(CF_STATE, b"k").unwrap().as_deref(), Some(&b"c"[..]));
         assert_eq!(e.get(CF_STATE, b"u").unwrap().as_deref(), Some(&b"x"[..]));
         assert_eq!(e.get(CF_LOG, b"l").unwrap().as_deref(), Some(&b"1"[..]));
@@ -692,27 +670,26 @@ mod tests {
     #[test]
     fn a_tuned_engine_flushes_under_its_rate_limit_and_keeps_every_row() {
         let dir = tempfile::tempdir().unwrap();
-        let tuning = Tuning {
-            min_free_bytes: 0,
-            write_buffer_bytes: 1 << 20,
-            flush_rate_bytes_per_s: 8 << 20,
+        let storage = StorageConfig {
+            min_free_mib: 0,
+            write_buffer_mib: 1,
+            flush_rate_mib_per_s: 8,
         };
         let body = vec![7u8; 4096];
         {
-            let e = Engine::open_tuned(dir.path(), tuning).unwrap();
-            let done: Vec<_> = (0..1024u32)
-                .map(|i| {
-                    let d = if i % 2 == 0 {
-                        Durability::Synced
-                    } else {
-                        Durability::Unlogged
-                    };
-                    let cf = if i % 2 == 0 { CF_LOG } else { CF_STATE };
-                    submit(&e, put(cf, &i.to_be_bytes(), &body), d)
-                })
-                .collect();
-            for rx in done {
-                rx.recv().unwrap().unwrap();
+            let e = Engine::open(dir.path(), &storage).unwrap();
+            // One job per round: RocksDB switches a full memtable only at a later write, so
+            // the writes must come as many batches, as they do under load.
+            for i in 0..1024u32 {
+                let (cf, d) = if i % 2 == 0 {
+                    (CF_LOG, Durability::Synced)
+                } else {
+                    (CF_STATE, Durability::Unlogged)
+                };
+                submit(&e, put(cf, &i.to_be_bytes(), &body), d)
+                    .recv()
+                    .unwrap()
+                    .unwrap();
             }
             // Flushes run in the background: wait for one (bounded), never for a speed.
             let tables = || {
@@ -732,7 +709,7 @@ mod tests {
                 "2 MiB into 1 MiB memtables flushed no table file"
             );
         }
-        let e = Engine::open_tuned(dir.path(), tuning).unwrap();
+        let e = Engine::open(dir.path(), &storage).unwrap();
         for i in 0..1024u32 {
             let cf = if i % 2 == 0 { CF_LOG } else { CF_STATE };
             assert_eq!(

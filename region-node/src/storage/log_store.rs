@@ -406,7 +406,7 @@ mod tests {
         let mut purged = 0u64;
         let mut term = 1u64;
         {
-            let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+            let engine = Arc::new(Engine::open_unreserved(dir.path()).unwrap());
             let mut s = LogStore::new(1, engine);
             for _ in 0..300 {
                 let last = model.keys().next_back().copied().unwrap_or(purged);
@@ -464,7 +464,7 @@ mod tests {
             let i = *model.keys().next_back().unwrap() + 1;
             model.insert(i, term);
         }
-        let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+        let engine = Arc::new(Engine::open_unreserved(dir.path()).unwrap());
         let mut s = LogStore::new(1, engine);
         let got = terms(&mut s, 0).await;
         let want: Vec<_> = model.iter().map(|(&i, &t)| (i, t)).collect();
@@ -477,7 +477,7 @@ mod tests {
     async fn a_committed_hint_ahead_of_the_local_log_is_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let open = || {
-            let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+            let engine = Arc::new(Engine::open_unreserved(dir.path()).unwrap());
             LogStore::new(1, engine)
         };
         {
@@ -515,7 +515,7 @@ mod tests {
     async fn append_truncate_reappend_purge_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+            let engine = Arc::new(Engine::open_unreserved(dir.path()).unwrap());
             let mut s = LogStore::new(1, engine.clone());
             let mut other = LogStore::new(2, engine);
             s.blocking_append((1..=5).map(|i| entry(1, i)))
@@ -550,7 +550,7 @@ mod tests {
             );
         }
         // Everything acknowledged is there after reopening.
-        let engine = Arc::new(Engine::open(dir.path(), 0).unwrap());
+        let engine = Arc::new(Engine::open_unreserved(dir.path()).unwrap());
         let mut s = LogStore::new(1, engine);
         assert_eq!(terms(&mut s, 0).await, vec![(3, 1), (4, 2), (5, 2)]);
         let st = s.get_log_state().await.unwrap();

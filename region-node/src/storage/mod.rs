@@ -5,8 +5,8 @@ mod engine;
 mod log_store;
 
 pub use engine::{
-    free_bytes, Durability, Engine, LogJob, LogOp, StorageEngine, StorageMetrics, Tuning, CF_LOG,
-    CF_META, CF_SNAPSHOT, CF_STATE,
+    free_bytes, Durability, Engine, LogJob, LogOp, StorageEngine, StorageMetrics, CF_LOG, CF_META,
+    CF_SNAPSHOT, CF_STATE,
 };
 pub use log_store::LogStore;
 
