@@ -173,6 +173,14 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many log entries since the last one; older logs are purged.
     pub snapshot_after_entries: u64,
+    /// Also build one after this many MiB of a group's log since the last (0: by entries
+    /// only). Under load an entry carries many messages, so counting entries alone let a
+    /// group's log grow far past the log memtable before its purge; purged while still in
+    /// memory, entries are never written to a table file. Keep it under `[storage]
+    /// write_buffer_mib`. Each snapshot flushes the state memtable and costs the writes
+    /// waiting behind it: on one machine 96 wrote 15 % fewer bytes per message than entries
+    /// alone, with W2 p99 halved but W1 p99 up 3-4 ms; 32 cost W1 a seventh of its rate.
+    pub snapshot_after_log_mib: u64,
     /// Most entries in one AppendEntries message.
     pub max_payload_entries: u64,
     /// Log entries kept after a snapshot, so briefly lagging followers catch up from the log
@@ -192,6 +200,7 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 800,
             election_timeout_max_ms: 1600,
             snapshot_after_entries: 20_000,
+            snapshot_after_log_mib: 96,
             max_payload_entries: 512,
             logs_kept_after_snapshot: 1000,
             max_batch_commands: 256,
@@ -268,6 +277,12 @@ impl NodeConfig {
                 st.flush_rate_mib_per_s
             ));
         }
+        if r.snapshot_after_log_mib > 4096 {
+            return bad(format!(
+                "raft.snapshot_after_log_mib = {} must be 0 (by entries only) to 4096",
+                r.snapshot_after_log_mib
+            ));
+        }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad("raft.election_timeout_max_ms must exceed election_timeout_min_ms".into());
         }
@@ -328,6 +343,12 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("flush_rate_mib_per_s"), "{e}");
         c.storage.flush_rate_mib_per_s = 48;
+        assert!(c.validate().is_ok());
+        let mut c = sample();
+        c.raft.snapshot_after_log_mib = 5000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("snapshot_after_log_mib"), "{e}");
+        c.raft.snapshot_after_log_mib = 0;
         assert!(c.validate().is_ok());
     }
 }

@@ -2,6 +2,7 @@
 //! group that owns them (locally, or forwarded to the leader's node).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Group {
     pub shared: Arc<SharedState>,
     /// How this node, leading the group, streams appends to the others.
     pub replication: Arc<ReplicationStats>,
+    /// Log bytes this node appended since it last asked for a snapshot by size.
+    pub log_bytes: Arc<AtomicU64>,
 }
 
 /// A request executed by the leader of one group.
@@ -292,6 +295,7 @@ impl RegionNode {
         let mut groups = Vec::new();
         for id in 0..=config.data_groups {
             let log = LogStore::new(id, engine.clone());
+            let log_bytes = log.appended_bytes();
             let sm = StateMachineStore::open(id, config.data_groups, engine.clone())
                 .map_err(|e| NodeError::Storage(e.to_string()))?;
             let shared = sm.shared.clone();
@@ -312,6 +316,7 @@ impl RegionNode {
                 proposer,
                 shared,
                 replication,
+                log_bytes,
             });
         }
         let secret = hex::decode(&config.cluster_secret).expect("validated");
@@ -821,6 +826,14 @@ impl RegionNode {
                         );
                         let _ = g.raft.trigger().elect(false).await;
                     }
+                }
+            }
+            // Every member, leader or not, snapshots its own log.
+            let limit = self.config.raft.snapshot_after_log_mib << 20;
+            if limit > 0 && g.log_bytes.load(Ordering::Relaxed) >= limit {
+                g.log_bytes.store(0, Ordering::Relaxed);
+                if let Err(e) = g.raft.trigger().snapshot().await {
+                    tracing::debug!(group, "snapshot by log size: {e}");
                 }
             }
             if state != ServerState::Leader || group == META_GROUP {

@@ -211,9 +211,30 @@ async fn whole_region_sigkill_loses_nothing() {
 async fn lagging_follower_catches_up_from_snapshot() {
     let raft = meridian_region_node::config::RaftConfig {
         snapshot_after_entries: 50,
+        snapshot_after_log_mib: 0,
         logs_kept_after_snapshot: 0,
         ..Default::default()
     };
+    lagging_follower_catches_up(raft, |i| format!("audit-{i}")).await;
+}
+
+/// The same when snapshots come only from the size of the log (1 MiB here), never from its
+/// count of entries: 300 entries of 16 KiB are snapshotted and purged about four times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_follower_catches_up_from_a_snapshot_made_by_log_size() {
+    let raft = meridian_region_node::config::RaftConfig {
+        snapshot_after_entries: 1_000_000,
+        snapshot_after_log_mib: 1,
+        logs_kept_after_snapshot: 0,
+        ..Default::default()
+    };
+    lagging_follower_catches_up(raft, |i| format!("audit-{i}-{}", "x".repeat(16 << 10))).await;
+}
+
+async fn lagging_follower_catches_up(
+    raft: meridian_region_node::config::RaftConfig,
+    body_of: fn(usize) -> String,
+) {
     let mut region = Region::start_with(3, 1, raft).await;
     let mut c = region.client(1).await;
     create_queue(&mut c, "audit").await;
@@ -227,7 +248,7 @@ async fn lagging_follower_catches_up_from_snapshot() {
     let mut c = region.client(leader).await;
     let mut history = History::default();
     for i in 0..300 {
-        let body = format!("audit-{i}");
+        let body = body_of(i);
         let id = send(&mut c, "audit", &body).await.unwrap();
         history.acked.insert(id, body);
     }

@@ -1,4 +1,10 @@
-//! The node's RocksDB instance and its group-commit log writer.
+//! The node's two RocksDB instances and their group-commit log writer.
+//!
+//! The log database holds the Raft logs, votes and snapshot records; the state database holds
+//! the state machines' rows, and is what a snapshot checkpoints. Apart, a checkpoint flushes
+//! only the state rows: the log's memtable keeps filling, so a purge behind a snapshot deletes
+//! entries that are still in memory, and its flush drops them instead of writing every entry
+//! to a table file as well as the WAL (a third of all the bytes a node wrote under W1).
 //!
 //! Every Raft log mutation (append, truncate, purge) of every group is a job queued to one
 //! writer thread. The writer takes all queued jobs, merges them into one `WriteBatch`, writes it
@@ -25,7 +31,11 @@ pub const CF_META: &str = "meta";
 pub const CF_SNAPSHOT: &str = "snapshot";
 /// The groups' state machines as rows (`queue::rows`), written after every apply.
 pub const CF_STATE: &str = "state";
-const ALL_CFS: [&str; 4] = [CF_LOG, CF_META, CF_SNAPSHOT, CF_STATE];
+/// Column families of the log database, every write of which goes through its WAL.
+const LOG_DB_CFS: [&str; 3] = [CF_LOG, CF_META, CF_SNAPSHOT];
+/// Column families of the state database (inside the log database's directory, as `state/`).
+const STATE_DB_CFS: [&str; 1] = [CF_STATE];
+const STATE_DB_DIR: &str = "state";
 
 /// One change to a column family.
 pub enum LogOp {
@@ -65,7 +75,8 @@ pub enum Durability {
     /// machine's rows after each apply: the log is what is durable, a restart re-applies it
     /// after the index the flushed rows name, and logs are purged only behind a snapshot,
     /// whose checkpoint flushes the rows first. Kept out of the WAL, each message body is
-    /// written to it once (in its log entry) instead of twice.
+    /// written to it once (in its log entry) instead of twice. Only state rows are left
+    /// unlogged: the log database logs every write.
     Unlogged,
 }
 
@@ -108,7 +119,8 @@ pub trait StorageEngine: Send + Sync + 'static {
         from: &[u8],
         to: &[u8],
     ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
-    /// Writes `ops` atomically; with `sync`, durable (WAL fsynced) on return.
+    /// Writes `ops`; with `sync`, durable (WAL fsynced) on return. Atomic within each of the
+    /// two databases ([`CF_STATE`], and the rest), not across them.
     fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()>;
     /// Queues a job for the group-commit writer; `done` runs after its batch is written.
     fn submit(&self, job: LogJob);
@@ -122,11 +134,12 @@ pub trait StorageEngine: Send + Sync + 'static {
     fn disk_low(&self) -> bool {
         false
     }
-    /// Makes checkpoint `name`: a durable copy of the whole database as it is now, which
-    /// later writes do not change. Everything written before it (synced or not) is durable
-    /// once it returns. RocksDB: memtables flushed, table files hard-linked.
+    /// Makes checkpoint `name`: a durable copy of the state rows ([`CF_STATE`]) as they are
+    /// now, which later writes do not change. Everything written before it (synced or not) is
+    /// durable once it returns. RocksDB: the state memtable flushed, table files hard-linked.
     fn checkpoint(&self, name: &str) -> io::Result<()>;
-    /// Entries of `cf` with keys in `[from, to)` of checkpoint `name`, ascending.
+    /// Entries of `cf` (only [`CF_STATE`] is sure to be there) with keys in `[from, to)` of
+    /// checkpoint `name`, ascending.
     fn scan_checkpoint(
         &self,
         name: &str,
@@ -145,8 +158,8 @@ fn io_err(e: rocksdb::Error) -> io::Error {
 }
 
 pub struct Engine {
-    db: Arc<DB>,
-    /// Where checkpoints live: `checkpoints/` inside the database directory.
+    dbs: Dbs,
+    /// Where checkpoints live: `checkpoints/` inside the log database's directory.
     checkpoint_root: std::path::PathBuf,
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<LogJob>>,
@@ -154,68 +167,132 @@ pub struct Engine {
     pub metrics: Arc<StorageMetrics>,
 }
 
+/// The node's two databases.
+#[derive(Clone)]
+struct Dbs {
+    /// Raft logs, votes and snapshot records: every write goes through its WAL.
+    log: Arc<DB>,
+    /// The state rows, mostly unlogged; the database that checkpoints copy.
+    state: Arc<DB>,
+}
+
+impl Dbs {
+    /// The database holding column family `cf`.
+    fn of(&self, cf: &str) -> &DB {
+        if cf == CF_STATE {
+            &self.state
+        } else {
+            &self.log
+        }
+    }
+
+    fn all(&self) -> [(&DB, &'static [&'static str]); 2] {
+        [(&self.log, &LOG_DB_CFS), (&self.state, &STATE_DB_CFS)]
+    }
+}
+
+/// Options both databases share.
+fn base_options(storage: &StorageConfig, direct_io: bool) -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Checksums on every block read catch on-disk corruption instead of serving it.
+    opts.set_paranoid_checks(true);
+    // A damaged WAL record must stop the node, not be skipped: RocksDB's default recovery
+    // silently drops everything after it, which would make this node forget fsynced (and
+    // acknowledged) log entries and its vote, and so let it vote twice in a term or count
+    // toward a majority for entries it no longer has. An operator then wipes the node's
+    // data and it resyncs from its peers.
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
+    // The state rows are written in every apply and read only at start and from
+    // checkpoints, so their memtable is a plain vector, sorted once when flushed: a skip
+    // list spent a fifth of a node's CPU finding insert positions (W3 profile). Vector
+    // memtables need single-writer memtable inserts, which the log writer thread is.
+    opts.set_allow_concurrent_memtable_write(false);
+    // Table files that flushes and compactions write are synced a MiB at a time as they
+    // grow instead of all at their end, so their writeback does not arrive in one burst
+    // ahead of the WAL's next fsync (an acknowledgement-latency spike).
+    opts.set_bytes_per_sync(1 << 20);
+    // Flushes and compactions write their tables past the page cache. Buffered, a flush
+    // left tens of MiB dirty, and ext4's ordered journal made the WAL's next fsync wait
+    // for all of it: 20-110 ms acknowledgement stalls every few seconds under load (W1
+    // p99 28 ms, p99.9 71 ms; with direct writes 17 and 27).
+    opts.set_use_direct_io_for_flush_and_compaction(direct_io);
+    if storage.flush_rate_mib_per_s > 0 {
+        // Refilled every 10 ms, so a flush writes in small steps between the WAL's fsyncs.
+        let rate = i64::try_from(storage.flush_rate_mib_per_s << 20).unwrap_or(i64::MAX);
+        opts.set_ratelimiter(rate, 10_000, 10);
+    }
+    opts
+}
+
+fn open_db(
+    path: &Path,
+    opts: &Options,
+    cfs: &[&'static str],
+    storage: &StorageConfig,
+) -> Result<DB, NodeError> {
+    let write_buffer = usize::try_from(storage.write_buffer_mib << 20).unwrap_or(usize::MAX);
+    let descriptors = cfs.iter().map(|&n| {
+        let mut cf_opts = Options::default();
+        cf_opts.set_write_buffer_size(write_buffer);
+        if n == CF_STATE {
+            cf_opts.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+        }
+        ColumnFamilyDescriptor::new(n, cf_opts)
+    });
+    let db = DB::open_cf_descriptors(opts, path, descriptors)
+        .map_err(|e| NodeError::Storage(format!("open RocksDB at {}: {e}", path.display())))?;
+    verify_checksums(&db, cfs).map_err(|e| {
+        NodeError::Storage(format!(
+            "integrity check of RocksDB at {}: {e}. This node's data is damaged: stop it, \
+             delete the directory and start it again to resync from its peers",
+            path.display()
+        ))
+    })?;
+    Ok(db)
+}
+
 impl Engine {
-    /// Opens (or creates) the database at `path`, sized, paced and guarded as `storage` says.
+    /// Opens (or creates) the databases at `path`, sized, paced and guarded as `storage` says.
     pub fn open(path: &Path, storage: &StorageConfig) -> Result<Self, NodeError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        // Checksums on every block read catch on-disk corruption instead of serving it.
-        opts.set_paranoid_checks(true);
-        // A damaged WAL record must stop the node, not be skipped: RocksDB's default recovery
-        // silently drops everything after it, which would make this node forget fsynced (and
-        // acknowledged) log entries and its vote, and so let it vote twice in a term or count
-        // toward a majority for entries it no longer has. An operator then wipes the node's
-        // data and it resyncs from its peers.
-        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
-        // The state rows are written in every apply and read only at start and from
-        // checkpoints, so their memtable is a plain vector, sorted once when flushed: a skip
-        // list spent a fifth of a node's CPU finding insert positions (W3 profile). Vector
-        // memtables need single-writer memtable inserts, which the log writer thread is.
-        opts.set_allow_concurrent_memtable_write(false);
-        // Table files that flushes and compactions write are synced a MiB at a time as they
-        // grow instead of all at their end, so their writeback does not arrive in one burst
-        // ahead of the WAL's next fsync (an acknowledgement-latency spike).
-        opts.set_bytes_per_sync(1 << 20);
-        // Flushes and compactions write their tables past the page cache. Buffered, a flush
-        // left tens of MiB dirty, and ext4's ordered journal made the WAL's next fsync wait
-        // for all of it: 20-110 ms acknowledgement stalls every few seconds under load (W1
-        // p99 28 ms, p99.9 71 ms; with direct writes 17 and 27).
         let direct = supports_direct_io(path);
-        opts.set_use_direct_io_for_flush_and_compaction(direct);
+        let opts = base_options(storage, direct);
         if !direct {
             tracing::info!(
                 path = %path.display(),
                 "the file system refuses O_DIRECT; flushes and compactions write through the page cache"
             );
         }
-        if storage.flush_rate_mib_per_s > 0 {
-            // Refilled every 10 ms, so a flush writes in small steps between the WAL's fsyncs.
-            let rate = i64::try_from(storage.flush_rate_mib_per_s << 20).unwrap_or(i64::MAX);
-            opts.set_ratelimiter(rate, 10_000, 10);
-        }
-        let write_buffer = usize::try_from(storage.write_buffer_mib << 20).unwrap_or(usize::MAX);
-        let cfs = ALL_CFS.into_iter().map(|n| {
-            let mut cf_opts = Options::default();
-            cf_opts.set_write_buffer_size(write_buffer);
-            if n == CF_STATE {
-                cf_opts.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+        // Before the split the state rows were a column family of the one database; RocksDB
+        // would refuse to open it without naming why.
+        if let Ok(existing) = DB::list_cf(&opts, path) {
+            if existing.iter().any(|cf| cf == CF_STATE) {
+                return Err(NodeError::Storage(format!(
+                    "{} holds a database of an earlier Meridian layout (state rows beside the \
+                     log). Stop the node, delete the directory and start it again to resync \
+                     from its peers",
+                    path.display()
+                )));
             }
-            ColumnFamilyDescriptor::new(n, cf_opts)
-        });
-        let db = DB::open_cf_descriptors(&opts, path, cfs)
-            .map_err(|e| NodeError::Storage(format!("open RocksDB at {}: {e}", path.display())))?;
-        verify_checksums(&db).map_err(|e| {
-            NodeError::Storage(format!(
-                "integrity check of RocksDB at {}: {e}. This node's data is damaged: stop it, \
-                 delete the directory and start it again to resync from its peers",
-                path.display()
-            ))
-        })?;
-        let db = Arc::new(db);
+        }
+        // The votes and records of the small column families would hold every WAL file the
+        // log's flushes have freed until the WALs reached RocksDB's bound of 4 times all
+        // memtables (3 GiB here), all of it replayed at a restart: flush them sooner.
+        let mut log_opts = opts.clone();
+        log_opts.set_max_total_wal_size(storage.write_buffer_mib.saturating_mul(2 << 20));
+        let dbs = Dbs {
+            log: Arc::new(open_db(path, &log_opts, &LOG_DB_CFS, storage)?),
+            state: Arc::new(open_db(
+                &path.join(STATE_DB_DIR),
+                &opts,
+                &STATE_DB_CFS,
+                storage,
+            )?),
+        };
         let metrics = Arc::new(StorageMetrics::default());
         let (tx, rx) = mpsc::channel::<LogJob>();
-        let writer_db = db.clone();
+        let writer_dbs = dbs.clone();
         let m = metrics.clone();
         let space = FreeSpace {
             path: path.to_path_buf(),
@@ -223,14 +300,14 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || run_writer(writer_db, rx, m, space))
+            .spawn(move || run_writer(writer_dbs, rx, m, space))
             .map_err(|e| NodeError::Storage(format!("spawn log writer: {e}")))?;
         let checkpoint_root = path.join("checkpoints");
         std::fs::create_dir_all(&checkpoint_root).map_err(|e| {
             NodeError::Storage(format!("create {}: {e}", checkpoint_root.display()))
         })?;
         Ok(Self {
-            db,
+            dbs,
             checkpoint_root,
             writer: Some(tx),
             writer_thread: Some(thread),
@@ -238,12 +315,9 @@ impl Engine {
         })
     }
 
-    pub fn db(&self) -> &DB {
-        &self.db
-    }
-
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db
+        self.dbs
+            .of(name)
             .cf_handle(name)
             .expect("column families are created at open")
     }
@@ -263,7 +337,7 @@ impl Engine {
 
 impl StorageEngine for Engine {
     fn get(&self, cf: &'static str, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        self.db.get_cf(self.cf(cf), key).map_err(io_err)
+        self.dbs.of(cf).get_cf(self.cf(cf), key).map_err(io_err)
     }
 
     fn scan(
@@ -274,7 +348,8 @@ impl StorageEngine for Engine {
     ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         for item in self
-            .db
+            .dbs
+            .of(cf)
             .iterator_cf(self.cf(cf), IteratorMode::From(from, Direction::Forward))
         {
             let (k, v) = item.map_err(io_err)?;
@@ -293,7 +368,8 @@ impl StorageEngine for Engine {
         to: &[u8],
     ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
         let mut it = self
-            .db
+            .dbs
+            .of(cf)
             .iterator_cf(self.cf(cf), IteratorMode::From(to, Direction::Reverse));
         for item in it.by_ref() {
             let (k, v) = item.map_err(io_err)?;
@@ -309,11 +385,15 @@ impl StorageEngine for Engine {
     }
 
     fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        self.db
-            .write_opt(batch_of(&self.db, ops), &wo)
-            .map_err(io_err)
+        let (state, log): (Vec<_>, Vec<_>) = ops.into_iter().partition(|op| op.cf() == CF_STATE);
+        for (db, ops) in [(&self.dbs.state, state), (&self.dbs.log, log)] {
+            if !ops.is_empty() {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(sync);
+                db.write_opt(batch_of(db, ops), &wo).map_err(io_err)?;
+            }
+        }
+        Ok(())
     }
 
     fn submit(&self, job: LogJob) {
@@ -337,8 +417,10 @@ impl StorageEngine for Engine {
     fn flush(&self) -> io::Result<()> {
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
-        for name in ALL_CFS {
-            self.db.flush_cf_opt(self.cf(name), &fo).map_err(io_err)?;
+        for (db, cfs) in self.dbs.all() {
+            for &name in cfs {
+                db.flush_cf_opt(self.cf(name), &fo).map_err(io_err)?;
+            }
         }
         Ok(())
     }
@@ -352,16 +434,25 @@ impl StorageEngine for Engine {
                 std::fs::remove_dir_all(&leftover)?;
             }
         }
-        // Memtables into table files first, so the checkpoint is hard links plus a short WAL
-        // (RocksDB 10 copies the WAL instead of flushing, and the WAL holds every recent
-        // log entry of every group).
-        self.flush()?;
-        rocksdb::checkpoint::Checkpoint::new(&self.db)
+        // The state memtable into table files first, so the checkpoint is hard links (RocksDB
+        // 10 copies the WAL instead of flushing). The log database is not flushed: that is
+        // why it is a database of its own.
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        for &cf in &STATE_DB_CFS {
+            self.dbs
+                .state
+                .flush_cf_opt(self.cf(cf), &fo)
+                .map_err(io_err)?;
+        }
+        rocksdb::checkpoint::Checkpoint::new(&self.dbs.state)
             .and_then(|c| c.create_checkpoint(&dir))
             .map_err(io_err)?;
-        // Whatever the checkpoint holds, the live database must hold durably too: logs up to
-        // its index are purged next.
-        self.db.flush_wal(true).map_err(io_err)?;
+        // Whatever the checkpoint holds, the live databases must hold durably too (logs up to
+        // its index are purged next), and so must every logged write made before it.
+        for (db, _) in self.dbs.all() {
+            db.flush_wal(true).map_err(io_err)?;
+        }
         // The directory entry itself must survive a power cut.
         std::fs::File::open(&self.checkpoint_root)?.sync_all()
     }
@@ -376,7 +467,7 @@ impl StorageEngine for Engine {
         let dir = self.checkpoint_dir(name)?;
         let mut opts = Options::default();
         opts.set_paranoid_checks(true);
-        let db = DB::open_cf_for_read_only(&opts, &dir, ALL_CFS, false).map_err(io_err)?;
+        let db = DB::open_cf_for_read_only(&opts, &dir, STATE_DB_CFS, false).map_err(io_err)?;
         let handle = db
             .cf_handle(cf)
             .ok_or_else(|| io::Error::other(format!("checkpoint {name} lacks {cf}")))?;
@@ -428,8 +519,8 @@ impl Engine {
 /// damaged table file stops the node at start instead of failing (or worse, being trusted)
 /// later in the middle of a Raft read. The log is bounded by snapshots, so this costs about as
 /// much as the replay a restart does anyway.
-fn verify_checksums(db: &DB) -> Result<(), rocksdb::Error> {
-    for name in ALL_CFS {
+fn verify_checksums(db: &DB, cfs: &[&str]) -> Result<(), rocksdb::Error> {
+    for &name in cfs {
         let cf = db
             .cf_handle(name)
             .expect("column families are created at open");
@@ -545,7 +636,7 @@ fn supports_direct_io(dir: &Path) -> bool {
     ok
 }
 
-fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, space: FreeSpace) {
+fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, space: FreeSpace) {
     // When free space was last looked at; `None` before the first batch.
     let mut last_check: Option<Instant> = None;
     loop {
@@ -567,42 +658,59 @@ fn run_writer(db: Arc<DB>, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, s
         }
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
-        let sync = jobs.iter().any(|j| j.durability == Durability::Synced);
-        // Unlogged rows go in a batch of their own, written first, unless a logged job in the
-        // same round writes state rows too (an ordered write, e.g. an installed snapshot):
-        // then everything goes through the WAL in submission order.
-        let split = !jobs.iter().any(|j| {
-            j.durability != Durability::Unlogged && j.ops.iter().any(|op| op.cf() == CF_STATE)
-        });
-        let mut ops = Vec::new();
-        let mut unlogged = Vec::new();
+        let is_state = |op: &LogOp| op.cf() == CF_STATE;
+        // The state rows of a round go through the state database's WAL only if a logged job
+        // writes some (an ordered write, e.g. an installed snapshot); then all of them do, in
+        // submission order. Everything else is the log database's, always logged.
+        let state_logged = jobs
+            .iter()
+            .any(|j| j.durability != Durability::Unlogged && j.ops.iter().any(is_state));
+        let synced = |state: bool| {
+            jobs.iter().any(|j| {
+                j.durability == Durability::Synced && j.ops.iter().any(|op| is_state(op) == state)
+            })
+        };
+        // A synced job without ops (an ordering barrier) needs no fsync of its own.
+        let (state_sync, log_sync) = (synced(true), synced(false));
+        let mut state_ops = Vec::new();
+        let mut log_ops = Vec::new();
         let mut dones = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if split && job.durability == Durability::Unlogged {
-                unlogged.extend(job.ops);
-            } else {
-                ops.extend(job.ops);
+            for op in job.ops {
+                if is_state(&op) {
+                    state_ops.push(op);
+                } else {
+                    log_ops.push(op);
+                }
             }
             dones.push(job.done);
         }
         let mut result = Ok(());
-        if !unlogged.is_empty() {
+        let mut syncs = 0;
+        let mut sync_time = std::time::Duration::ZERO;
+        // State first: a job writing both is done only when both are written (no job needs
+        // them atomic across the databases).
+        for (db, ops, logged, sync) in [
+            (&dbs.state, state_ops, state_logged, state_sync),
+            (&dbs.log, log_ops, true, log_sync),
+        ] {
+            if result.is_err() || ops.is_empty() {
+                continue;
+            }
             let mut wo = WriteOptions::default();
-            wo.disable_wal(true);
-            result = db.write_opt(batch_of(&db, unlogged), &wo);
-        }
-        let started = Instant::now();
-        // A synced job without ops (an ordering barrier) needs no fsync of its own.
-        let sync = sync && !ops.is_empty();
-        if result.is_ok() && !ops.is_empty() {
-            let mut wo = WriteOptions::default();
+            wo.disable_wal(!logged);
             wo.set_sync(sync);
-            result = db.write_opt(batch_of(&db, ops), &wo);
+            let started = Instant::now();
+            result = db.write_opt(batch_of(db, ops), &wo);
+            if sync {
+                syncs += 1;
+                sync_time += started.elapsed();
+            }
         }
-        if sync {
+        if syncs > 0 {
             m.sync_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            m.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                .fetch_add(sync_time.as_micros() as u64, Ordering::Relaxed);
+            m.wal_syncs.fetch_add(syncs, Ordering::Relaxed);
         }
         m.synced_appends
             .fetch_add(dones.len() as u64, Ordering::Relaxed);
@@ -693,7 +801,8 @@ mod tests {
             }
             // Flushes run in the background: wait for one (bounded), never for a speed.
             let tables = || {
-                e.db()
+                e.dbs
+                    .log
                     .live_files()
                     .unwrap()
                     .iter()
@@ -718,5 +827,111 @@ mod tests {
                 "{i}"
             );
         }
+    }
+
+    fn table_bytes(db: &DB, cf: &str) -> u64 {
+        db.live_files()
+            .unwrap()
+            .iter()
+            .filter(|f| f.column_family_name == cf)
+            .map(|f| f.size as u64)
+            .sum()
+    }
+
+    /// A checkpoint flushes the state rows, not the log: log entries stay in their memtable
+    /// (and WAL), a purge deletes them there, and the log's flush then writes none of them.
+    /// The log survives a crash-like reopen through its WAL.
+    #[test]
+    fn a_checkpoint_leaves_the_log_in_memory_and_purged_entries_never_reach_a_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![3u8; 1024];
+        let e = Engine::open_unreserved(dir.path()).unwrap();
+        for i in 0..2000u32 {
+            submit(&e, put(CF_LOG, &i.to_be_bytes(), &body), Durability::Synced);
+            submit(
+                &e,
+                put(CF_STATE, &i.to_be_bytes(), &body),
+                Durability::Unlogged,
+            )
+            .recv()
+            .unwrap()
+            .unwrap();
+        }
+        e.checkpoint("c1").unwrap();
+        assert_eq!(table_bytes(&e.dbs.log, CF_LOG), 0, "the log was flushed");
+        assert!(table_bytes(&e.dbs.state, CF_STATE) > 0);
+        let rows = e.scan_checkpoint("c1", CF_STATE, &[], &[0xff; 5]).unwrap();
+        assert_eq!(rows.len(), 2000);
+        // Purge the first 1,990 entries while they are still in the memtable, then flush.
+        submit(
+            &e,
+            LogOp::DeleteRange {
+                cf: CF_LOG,
+                from: 0u32.to_be_bytes().to_vec(),
+                to: 1990u32.to_be_bytes().to_vec(),
+            },
+            Durability::Synced,
+        )
+        .recv()
+        .unwrap()
+        .unwrap();
+        e.flush().unwrap();
+        let written = table_bytes(&e.dbs.log, CF_LOG);
+        assert!(
+            written > 0 && written < 100 * 1024,
+            "{written} bytes of table for 10 live 1 KiB entries"
+        );
+        for i in 1990..2000u32 {
+            submit(
+                &e,
+                put(CF_LOG, &i.to_be_bytes(), b"new"),
+                Durability::Synced,
+            )
+            .recv()
+            .unwrap()
+            .unwrap();
+        }
+        // Not a clean close: the newest entries are only in the WAL.
+        std::mem::forget(e);
+        let dir2 = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), dir2.path());
+        let e = Engine::open_unreserved(dir2.path()).unwrap();
+        assert_eq!(e.get(CF_LOG, &5u32.to_be_bytes()).unwrap(), None);
+        assert_eq!(
+            e.get(CF_LOG, &1995u32.to_be_bytes()).unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else if entry.file_name() != "LOCK" {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    /// A directory of the one-database layout is refused with a message that says what to do,
+    /// not opened half.
+    #[test]
+    fn a_data_directory_of_the_earlier_layout_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let _db =
+                DB::open_cf(&opts, dir.path(), [CF_LOG, CF_META, CF_SNAPSHOT, CF_STATE]).unwrap();
+        }
+        let err = Engine::open_unreserved(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("earlier Meridian layout"), "{err}");
     }
 }

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -96,6 +97,9 @@ pub struct LogStore {
     group: u32,
     engine: Arc<dyn StorageEngine>,
     pending: Arc<Mutex<Pending>>,
+    /// Bytes of entries appended (encoded) since the node last reset it, to snapshot by
+    /// size as well as by count.
+    appended_bytes: Arc<AtomicU64>,
 }
 
 type StResult<T> = Result<T, std::io::Error>;
@@ -106,7 +110,13 @@ impl LogStore {
             group,
             engine,
             pending: Arc::default(),
+            appended_bytes: Arc::default(),
         }
+    }
+
+    /// The count of bytes appended, shared: the node resets it when it asks for a snapshot.
+    pub fn appended_bytes(&self) -> Arc<AtomicU64> {
+        self.appended_bytes.clone()
     }
 
     fn log_key(&self, index: u64) -> Vec<u8> {
@@ -295,6 +305,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 p.entries.insert(e.log_id.index, e);
             }
         }
+        let bytes: usize = ids.iter().map(|(_, size)| size).sum();
+        self.appended_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         let pending = self.pending.clone();
         self.engine.submit(LogJob {
             ops,

@@ -1,5 +1,6 @@
-//! One RocksDB instance per node, shared by every Raft group (key prefix per group), with a
-//! group-commit syncer so that all groups' appends share WAL fsyncs.
+//! Two RocksDB instances per node (the logs, and the state rows), shared by every Raft group
+//! (key prefix per group), with a group-commit syncer so that all groups' appends share WAL
+//! fsyncs.
 
 mod engine;
 mod log_store;
