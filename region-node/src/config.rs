@@ -173,13 +173,15 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many log entries since the last one; older logs are purged.
     pub snapshot_after_entries: u64,
-    /// Also build one after this many MiB of a group's log since the last (0: by entries
-    /// only). Under load an entry carries many messages, so counting entries alone let a
-    /// group's log grow far past the log memtable before its purge; purged while still in
-    /// memory, entries are never written to a table file. Keep it under `[storage]
-    /// write_buffer_mib`. Each snapshot flushes the state memtable and costs the writes
-    /// waiting behind it: on one machine 96 wrote 15 % fewer bytes per message than entries
-    /// alone, with W2 p99 halved but W1 p99 up 3-4 ms; 32 cost W1 a seventh of its rate.
+    /// Also snapshot by size: once the node's groups together appended this many MiB of log
+    /// since their last such snapshots, the group that appended the most builds one (0: by
+    /// entries only). The groups share one log memtable, and under load an entry carries many
+    /// messages, so counting entries alone let the logs grow far past it before their purges;
+    /// purged while still in memory, entries are never written to a table file. Keep it under
+    /// `[storage] write_buffer_mib`. Each snapshot flushes the state memtable and costs the
+    /// writes waiting behind it: on one machine 96 wrote 15 % fewer bytes per message than
+    /// entries alone, with W2 p99 halved but W1 p99 up 3-4 ms; 32 cost W1 a seventh of its
+    /// rate.
     pub snapshot_after_log_mib: u64,
     /// Most entries in one AppendEntries message.
     pub max_payload_entries: u64,

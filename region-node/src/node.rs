@@ -803,6 +803,21 @@ impl RegionNode {
         }
     }
 
+    /// Whether `group` should snapshot by log size: the node's groups (which share one log
+    /// memtable) appended `snapshot_after_log_mib` since their last such snapshots, and this
+    /// group the most of it. Every member, leader or not, snapshots its own log; so the log
+    /// not yet purged stays about that size whichever groups are busy.
+    fn largest_log_due(&self, group: u32) -> bool {
+        let limit = self.config.raft.snapshot_after_log_mib << 20;
+        let bytes: Vec<u64> = self
+            .groups
+            .iter()
+            .map(|g| g.log_bytes.load(Ordering::Relaxed))
+            .collect();
+        let mine = bytes[group as usize];
+        limit > 0 && bytes.iter().sum::<u64>() >= limit && bytes.iter().all(|&b| b <= mine)
+    }
+
     async fn leader_duties(self: Arc<Self>, group: u32) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -828,9 +843,7 @@ impl RegionNode {
                     }
                 }
             }
-            // Every member, leader or not, snapshots its own log.
-            let limit = self.config.raft.snapshot_after_log_mib << 20;
-            if limit > 0 && g.log_bytes.load(Ordering::Relaxed) >= limit {
+            if self.largest_log_due(group) {
                 g.log_bytes.store(0, Ordering::Relaxed);
                 if let Err(e) = g.raft.trigger().snapshot().await {
                     tracing::debug!(group, "snapshot by log size: {e}");

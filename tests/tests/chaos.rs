@@ -79,10 +79,18 @@ async fn corrupted_table_file_stops_the_node_which_then_resyncs() {
     corrupted_file_stops_the_node_which_then_resyncs(Damaged::Table).await;
 }
 
+/// The same for a table file of the state database (`db/state`), which holds the queues'
+/// rows apart from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_state_table_stops_the_node_which_then_resyncs() {
+    corrupted_file_stops_the_node_which_then_resyncs(Damaged::StateTable).await;
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Damaged {
     Wal,
     Table,
+    StateTable,
 }
 
 async fn corrupted_file_stops_the_node_which_then_resyncs(damaged: Damaged) {
@@ -116,7 +124,7 @@ async fn corrupted_file_stops_the_node_which_then_resyncs(damaged: Damaged) {
     let group = group_of(&QueueKey::new("0", "ledger"), 2);
     let leader = region.leader_of(group).await;
     let victim = (1..=3).find(|&id| id != leader).unwrap();
-    if damaged == Damaged::Table {
+    if damaged != Damaged::Wal {
         // A clean stop flushes memtables into table files. It must not wait on the append
         // streams the leaders hold open to it.
         region.stop(victim, Duration::from_secs(30));
@@ -128,10 +136,10 @@ async fn corrupted_file_stops_the_node_which_then_resyncs(damaged: Damaged) {
         .parent()
         .unwrap()
         .to_path_buf();
-    let db = node_dir.join("data/db");
-    let ext = match damaged {
-        Damaged::Wal => "log",
-        Damaged::Table => "sst",
+    let (db, ext) = match damaged {
+        Damaged::Wal => (node_dir.join("data/db"), "log"),
+        Damaged::Table => (node_dir.join("data/db"), "sst"),
+        Damaged::StateTable => (node_dir.join("data/db/state"), "sst"),
     };
     let file = std::fs::read_dir(&db)
         .unwrap()

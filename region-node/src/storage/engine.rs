@@ -7,9 +7,10 @@
 //! to a table file as well as the WAL (a third of all the bytes a node wrote under W1).
 //!
 //! Every Raft log mutation (append, truncate, purge) of every group is a job queued to one
-//! writer thread. The writer takes all queued jobs, merges them into one `WriteBatch`, writes it
-//! with one WAL fsync, and only then runs each job's completion: many entries from all groups,
-//! one batch, one sync, then every callback. Nothing is reported durable to openraft (and so
+//! writer thread. The writer takes all queued jobs, merges them into one `WriteBatch` per
+//! database (the log's, then the state rows'), writes them with one WAL fsync of the log (two
+//! fsyncs in the rare round that also installs a snapshot), and only then runs each job's
+//! completion: many entries from all groups, one batch, one sync, then every callback. Nothing is reported durable to openraft (and so
 //! nothing is committed or answered) before that fsync returns. The Raft task never blocks on
 //! disk: until the writer has run, a group's `LogStore` serves new entries from memory.
 
@@ -90,7 +91,7 @@ pub struct LogJob {
 /// Durability watermarks of the log writer, exported as metrics.
 #[derive(Debug, Default)]
 pub struct StorageMetrics {
-    /// Batches written with a WAL fsync.
+    /// WAL fsyncs (of either database; nearly all are the log's).
     pub wal_syncs: AtomicU64,
     /// Jobs (appends, truncations, purges) completed by those batches.
     pub synced_appends: AtomicU64,
@@ -688,20 +689,28 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
         let mut result = Ok(());
         let mut syncs = 0;
         let mut sync_time = std::time::Duration::ZERO;
-        // State first: a job writing both is done only when both are written (no job needs
-        // them atomic across the databases).
+        // The log first, synced whenever anything in the round is: a synced state write (an
+        // installed snapshot) must find the truncation openraft queued before it durable, as
+        // it did when both shared one WAL; and state rows never reach a table file (through
+        // another group's checkpoint) ahead of the log entries they were applied from.
+        let log_sync = log_sync || state_sync;
         for (db, ops, logged, sync) in [
-            (&dbs.state, state_ops, state_logged, state_sync),
             (&dbs.log, log_ops, true, log_sync),
+            (&dbs.state, state_ops, state_logged, state_sync),
         ] {
-            if result.is_err() || ops.is_empty() {
+            if result.is_err() || (ops.is_empty() && !(sync && logged)) {
                 continue;
             }
-            let mut wo = WriteOptions::default();
-            wo.disable_wal(!logged);
-            wo.set_sync(sync);
             let started = Instant::now();
-            result = db.write_opt(batch_of(db, ops), &wo);
+            result = if ops.is_empty() {
+                // Nothing of its own to write, but earlier logged jobs to make durable.
+                db.flush_wal(true)
+            } else {
+                let mut wo = WriteOptions::default();
+                wo.disable_wal(!logged);
+                wo.set_sync(sync);
+                db.write_opt(batch_of(db, ops), &wo)
+            };
             if sync {
                 syncs += 1;
                 sync_time += started.elapsed();
@@ -891,11 +900,9 @@ mod tests {
             .unwrap()
             .unwrap();
         }
-        // Not a clean close: the newest entries are only in the WAL.
-        std::mem::forget(e);
-        let dir2 = tempfile::tempdir().unwrap();
-        copy_dir(dir.path(), dir2.path());
-        let e = Engine::open_unreserved(dir2.path()).unwrap();
+        // The newest entries were only in the log's WAL (a close flushes nothing logged).
+        drop(e);
+        let e = Engine::open_unreserved(dir.path()).unwrap();
         assert_eq!(e.get(CF_LOG, &5u32.to_be_bytes()).unwrap(), None);
         assert_eq!(
             e.get(CF_LOG, &1995u32.to_be_bytes()).unwrap().as_deref(),
@@ -903,17 +910,28 @@ mod tests {
         );
     }
 
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else if entry.file_name() != "LOCK" {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
+    /// A synced write of state rows alone (an installed snapshot) also syncs the log's WAL,
+    /// so a truncation queued before it (logged, riding the next sync) is durable with it.
+    #[test]
+    fn a_synced_state_write_makes_earlier_logged_log_jobs_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open_unreserved(dir.path()).unwrap();
+        let syncs = || e.metrics.wal_syncs.load(Ordering::Relaxed);
+        let truncate = LogOp::DeleteRange {
+            cf: CF_LOG,
+            from: b"a".to_vec(),
+            to: b"z".to_vec(),
+        };
+        submit(&e, truncate, Durability::Logged)
+            .recv()
+            .unwrap()
+            .unwrap();
+        assert_eq!(syncs(), 0);
+        submit(&e, put(CF_STATE, b"k", b"v"), Durability::Synced)
+            .recv()
+            .unwrap()
+            .unwrap();
+        assert_eq!(syncs(), 2, "the log's WAL and the state's");
     }
 
     /// A directory of the one-database layout is refused with a message that says what to do,

@@ -6,6 +6,11 @@
 //! completions run (so openraft hears "durable" only then). When the simulation crashes the
 //! host, that task dies with it and [`MemoryEngine::recover`] at the next boot drops every
 //! unsynced write: exactly what a power cut does to a real node.
+//!
+//! State rows are a second domain, as in the real engine's separate state database: rows
+//! written unlogged become durable only when the state "memtable" is flushed, which a
+//! checkpoint does and which also happens by itself every [`STATE_FLUSH_OPS`] rows, at any
+//! point relative to the log's syncs (so a crash can leave the rows ahead of the local log).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -13,19 +18,29 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_region_node::storage::{LogJob, LogOp, StorageEngine, StorageMetrics, CF_STATE};
+use meridian_region_node::storage::{
+    Durability, LogJob, LogOp, StorageEngine, StorageMetrics, CF_STATE,
+};
 
 type Key = (&'static str, Vec<u8>);
 type Table = BTreeMap<Key, Vec<u8>>;
 
+/// State rows written since the state memtable was last flushed, at which count it flushes by
+/// itself (a full memtable).
+const STATE_FLUSH_OPS: usize = 64;
+
 #[derive(Default)]
 struct Disk {
-    /// What survives a crash.
+    /// What survives a crash, but for the state rows still in the memtable.
     durable: Table,
     /// What reads see: durable plus the page cache.
     visible: Table,
-    /// Writes not yet synced, in order (replayed onto `durable` by the next sync).
+    /// Log writes not yet synced, in order (replayed onto `durable` by the next sync).
     unsynced: Vec<LogOp>,
+    /// State rows since the last flush, in order, each with whether it went through the WAL.
+    state_memtable: Vec<(LogOp, bool)>,
+    /// How many of `state_memtable` a sync has covered (its logged ones are durable).
+    state_synced: usize,
     /// Completions waiting for the next group-commit sync.
     waiting: Vec<Box<dyn FnOnce(io::Result<()>) + Send>>,
     sync_scheduled: bool,
@@ -65,17 +80,39 @@ fn apply(table: &mut Table, op: &LogOp) {
 }
 
 impl Disk {
-    fn write(&mut self, ops: Vec<LogOp>) {
-        for op in &ops {
-            apply(&mut self.visible, op);
+    fn write(&mut self, ops: Vec<LogOp>, state_logged: bool) {
+        for op in ops {
+            apply(&mut self.visible, &op);
+            if op_cf(&op) == CF_STATE {
+                self.state_memtable.push((op, state_logged));
+            } else {
+                self.unsynced.push(op);
+            }
         }
-        self.unsynced.extend(ops);
+        if self.state_memtable.len() >= STATE_FLUSH_OPS {
+            self.flush_state();
+        }
     }
 
     fn sync(&mut self) {
         for op in std::mem::take(&mut self.unsynced) {
             apply(&mut self.durable, &op);
         }
+        self.state_synced = self.state_memtable.len();
+    }
+
+    /// The state memtable into a table file: every row in it durable, logged or not.
+    fn flush_state(&mut self) {
+        for (op, _) in std::mem::take(&mut self.state_memtable) {
+            apply(&mut self.durable, &op);
+        }
+        self.state_synced = 0;
+    }
+}
+
+fn op_cf(op: &LogOp) -> &'static str {
+    match op {
+        LogOp::Put { cf, .. } | LogOp::Delete { cf, .. } | LogOp::DeleteRange { cf, .. } => cf,
     }
 }
 
@@ -106,6 +143,20 @@ impl MemoryEngine {
     /// A boot after a crash: everything not synced is gone, and so are pending completions.
     pub fn recover(&self) {
         let mut d = self.disk.lock().unwrap();
+        // The state WAL's synced rows come back (replayed, then flushed at open); the
+        // unlogged ones since the last flush are gone.
+        let synced = d.state_synced;
+        let replayed: Vec<LogOp> = d
+            .state_memtable
+            .drain(..)
+            .take(synced)
+            .filter(|(_, logged)| *logged)
+            .map(|(op, _)| op)
+            .collect();
+        for op in &replayed {
+            apply(&mut d.durable, op);
+        }
+        d.state_synced = 0;
         d.visible = d.durable.clone();
         d.unsynced.clear();
         d.waiting.clear();
@@ -193,7 +244,7 @@ impl StorageEngine for SharedMemoryEngine {
 
     fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
         let mut d = self.0.disk.lock().unwrap();
-        d.write(ops);
+        d.write(ops, true);
         if sync {
             // A synchronous write blocks its caller for the fsync; in simulated time that is
             // instantaneous, which only makes votes and snapshots durable sooner.
@@ -205,7 +256,7 @@ impl StorageEngine for SharedMemoryEngine {
     fn submit(&self, job: LogJob) {
         let early = {
             let mut d = self.0.disk.lock().unwrap();
-            d.write(job.ops);
+            d.write(job.ops, job.durability != Durability::Unlogged);
             if self.0.acks_before_sync {
                 Some(job.done)
             } else {
@@ -223,11 +274,19 @@ impl StorageEngine for SharedMemoryEngine {
         &self.0.metrics
     }
 
+    fn flush(&self) -> io::Result<()> {
+        let mut d = self.0.disk.lock().unwrap();
+        d.sync();
+        d.flush_state();
+        Ok(())
+    }
+
     fn checkpoint(&self, name: &str) -> io::Result<()> {
         let mut d = self.0.disk.lock().unwrap();
-        // RocksDB flushes its memtables into the checkpoint's table files: everything
-        // written so far is durable afterwards, synced or not.
+        // RocksDB flushes the state memtable into the checkpoint's table files, and syncs
+        // the WALs: everything written so far is durable afterwards, synced or not.
         d.sync();
+        d.flush_state();
         let copy: Table = d
             .durable
             .range(key_range(CF_STATE, &[], &[0xff; 8]))
