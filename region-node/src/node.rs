@@ -809,13 +809,13 @@ impl RegionNode {
     /// not yet purged stays about that size whichever groups are busy.
     fn largest_log_due(&self, group: u32) -> bool {
         let limit = self.config.raft.snapshot_after_log_mib << 20;
-        let bytes: Vec<u64> = self
+        let bytes = |g: &Group| g.log_bytes.load(Ordering::Relaxed);
+        let (total, most) = self
             .groups
             .iter()
-            .map(|g| g.log_bytes.load(Ordering::Relaxed))
-            .collect();
-        let mine = bytes[group as usize];
-        limit > 0 && bytes.iter().sum::<u64>() >= limit && bytes.iter().all(|&b| b <= mine)
+            .map(bytes)
+            .fold((0, 0), |(t, m), b| (t + b, m.max(b)));
+        limit > 0 && total >= limit && bytes(&self.groups[group as usize]) >= most
     }
 
     async fn leader_duties(self: Arc<Self>, group: u32) {

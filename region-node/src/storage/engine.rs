@@ -57,7 +57,7 @@ pub enum LogOp {
 }
 
 impl LogOp {
-    fn cf(&self) -> &'static str {
+    pub fn cf(&self) -> &'static str {
         match self {
             LogOp::Put { cf, .. } | LogOp::Delete { cf, .. } | LogOp::DeleteRange { cf, .. } => cf,
         }
@@ -190,6 +190,33 @@ impl Dbs {
     fn all(&self) -> [(&DB, &'static [&'static str]); 2] {
         [(&self.log, &LOG_DB_CFS), (&self.state, &STATE_DB_CFS)]
     }
+}
+
+/// `ops` as the log database's and the state database's, each in order.
+fn split_by_db(ops: impl IntoIterator<Item = LogOp>) -> (Vec<LogOp>, Vec<LogOp>) {
+    ops.into_iter().partition(|op| op.cf() != CF_STATE)
+}
+
+/// Writes `ops` (not empty) to `db` as one batch: through its WAL if `logged`, fsynced if
+/// `sync`.
+fn write_batch(db: &DB, ops: Vec<LogOp>, logged: bool, sync: bool) -> Result<(), rocksdb::Error> {
+    let mut wo = WriteOptions::default();
+    wo.disable_wal(!logged);
+    wo.set_sync(sync);
+    db.write_opt(batch_of(db, ops), &wo)
+}
+
+/// Flushes the memtables of `cfs` in `db` into table files, waiting for them.
+fn flush_cfs(db: &DB, cfs: &[&str]) -> Result<(), rocksdb::Error> {
+    let mut fo = rocksdb::FlushOptions::default();
+    fo.set_wait(true);
+    for &name in cfs {
+        let cf = db
+            .cf_handle(name)
+            .expect("column families are created at open");
+        db.flush_cf_opt(cf, &fo)?;
+    }
+    Ok(())
 }
 
 /// Options both databases share.
@@ -386,12 +413,11 @@ impl StorageEngine for Engine {
     }
 
     fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
-        let (state, log): (Vec<_>, Vec<_>) = ops.into_iter().partition(|op| op.cf() == CF_STATE);
-        for (db, ops) in [(&self.dbs.state, state), (&self.dbs.log, log)] {
+        // The log first, as the writer does.
+        let (log, state) = split_by_db(ops);
+        for (db, ops) in [(&self.dbs.log, log), (&self.dbs.state, state)] {
             if !ops.is_empty() {
-                let mut wo = WriteOptions::default();
-                wo.set_sync(sync);
-                db.write_opt(batch_of(db, ops), &wo).map_err(io_err)?;
+                write_batch(db, ops, true, sync).map_err(io_err)?;
             }
         }
         Ok(())
@@ -416,12 +442,8 @@ impl StorageEngine for Engine {
     }
 
     fn flush(&self) -> io::Result<()> {
-        let mut fo = rocksdb::FlushOptions::default();
-        fo.set_wait(true);
         for (db, cfs) in self.dbs.all() {
-            for &name in cfs {
-                db.flush_cf_opt(self.cf(name), &fo).map_err(io_err)?;
-            }
+            flush_cfs(db, cfs).map_err(io_err)?;
         }
         Ok(())
     }
@@ -438,14 +460,7 @@ impl StorageEngine for Engine {
         // The state memtable into table files first, so the checkpoint is hard links (RocksDB
         // 10 copies the WAL instead of flushing). The log database is not flushed: that is
         // why it is a database of its own.
-        let mut fo = rocksdb::FlushOptions::default();
-        fo.set_wait(true);
-        for &cf in &STATE_DB_CFS {
-            self.dbs
-                .state
-                .flush_cf_opt(self.cf(cf), &fo)
-                .map_err(io_err)?;
-        }
+        flush_cfs(&self.dbs.state, &STATE_DB_CFS).map_err(io_err)?;
         rocksdb::checkpoint::Checkpoint::new(&self.dbs.state)
             .and_then(|c| c.create_checkpoint(&dir))
             .map_err(io_err)?;
@@ -673,19 +688,13 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
         };
         // A synced job without ops (an ordering barrier) needs no fsync of its own.
         let (state_sync, log_sync) = (synced(true), synced(false));
-        let mut state_ops = Vec::new();
-        let mut log_ops = Vec::new();
+        let mut ops = Vec::new();
         let mut dones = Vec::with_capacity(jobs.len());
         for job in jobs {
-            for op in job.ops {
-                if is_state(&op) {
-                    state_ops.push(op);
-                } else {
-                    log_ops.push(op);
-                }
-            }
+            ops.extend(job.ops);
             dones.push(job.done);
         }
+        let (log_ops, state_ops) = split_by_db(ops);
         let mut result = Ok(());
         let mut syncs = 0;
         let mut sync_time = std::time::Duration::ZERO;
@@ -706,10 +715,7 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
                 // Nothing of its own to write, but earlier logged jobs to make durable.
                 db.flush_wal(true)
             } else {
-                let mut wo = WriteOptions::default();
-                wo.disable_wal(!logged);
-                wo.set_sync(sync);
-                db.write_opt(batch_of(db, ops), &wo)
+                write_batch(db, ops, logged, sync)
             };
             if sync {
                 syncs += 1;

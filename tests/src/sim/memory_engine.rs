@@ -83,7 +83,7 @@ impl Disk {
     fn write(&mut self, ops: Vec<LogOp>, state_logged: bool) {
         for op in ops {
             apply(&mut self.visible, &op);
-            if op_cf(&op) == CF_STATE {
+            if op.cf() == CF_STATE {
                 self.state_memtable.push((op, state_logged));
             } else {
                 self.unsynced.push(op);
@@ -107,12 +107,6 @@ impl Disk {
             apply(&mut self.durable, &op);
         }
         self.state_synced = 0;
-    }
-}
-
-fn op_cf(op: &LogOp) -> &'static str {
-    match op {
-        LogOp::Put { cf, .. } | LogOp::Delete { cf, .. } | LogOp::DeleteRange { cf, .. } => cf,
     }
 }
 
@@ -142,19 +136,14 @@ impl MemoryEngine {
 
     /// A boot after a crash: everything not synced is gone, and so are pending completions.
     pub fn recover(&self) {
-        let mut d = self.disk.lock().unwrap();
+        let mut guard = self.disk.lock().unwrap();
+        let d = &mut *guard;
         // The state WAL's synced rows come back (replayed, then flushed at open); the
         // unlogged ones since the last flush are gone.
-        let synced = d.state_synced;
-        let replayed: Vec<LogOp> = d
-            .state_memtable
-            .drain(..)
-            .take(synced)
-            .filter(|(_, logged)| *logged)
-            .map(|(op, _)| op)
-            .collect();
-        for op in &replayed {
-            apply(&mut d.durable, op);
+        for (op, logged) in d.state_memtable.drain(..).take(d.state_synced) {
+            if logged {
+                apply(&mut d.durable, &op);
+            }
         }
         d.state_synced = 0;
         d.visible = d.durable.clone();
