@@ -1,5 +1,7 @@
 //! `meridian bench`: the workloads of ../shared/peerbench (same names, defaults and concurrency
 //! model) against a Meridian region, with the disk's fsync rate measured beside the results.
+//! With its own local region it also reports what each message cost the nodes in CPU time and
+//! disk writes, and the client's CPU time ([`crate::usage`]).
 //!
 //! * publishers: `inflight` tasks, each a closed loop "send, await the durable ack, repeat";
 //! * W2 consumers: `w2_consumers` tasks, each batch-receiving up to `w2_batch` and deleting every
@@ -25,6 +27,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::cmq_client::{CmqHttp, CmqReply};
+use crate::usage::{self, Usage};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
@@ -132,6 +135,30 @@ struct Outcome {
     window_s: f64,
     /// W2: messages sent during the window (the consumer side is `completed`).
     published: Option<u64>,
+    /// What the local region's node processes used during the window (none against an
+    /// endpoint: its processes are not ours to read).
+    region: Option<Usage>,
+    /// What this bench process used during the window.
+    client: Option<Usage>,
+}
+
+/// What `region`'s processes and this one used during `w`.
+async fn usage_over(w: Window, region: Vec<u32>) -> (Option<Usage>, Option<Usage>) {
+    let me = [std::process::id()];
+    let read_region = || {
+        if region.is_empty() {
+            None
+        } else {
+            usage::of(&region)
+        }
+    };
+    tokio::time::sleep_until(w.start).await;
+    let (region0, client0) = (read_region(), usage::of(&me));
+    tokio::time::sleep_until(w.end).await;
+    (
+        region0.and_then(|r0| Some(read_region()?.since(&r0))),
+        client0.and_then(|c0| Some(usage::of(&me)?.since(&c0))),
+    )
 }
 
 #[derive(Clone, Copy)]
@@ -923,6 +950,7 @@ async fn run_workload(
     name: &str,
     target: &Target,
     run_id: u32,
+    region_pids: &[u32],
 ) -> anyhow::Result<Outcome> {
     let origin = Instant::now();
     let inflight = |d: usize| args.inflight.unwrap_or(d);
@@ -981,9 +1009,11 @@ async fn run_workload(
         }
     };
     let bar = tokio::spawn(progress(w, name.to_string(), args.json));
+    let used = tokio::spawn(usage_over(w, region_pids.to_vec()));
     let pub_tasks = spawn_publishers(args, w, pubs, origin);
     let con_tasks = spawn_consumers(args, w, consumers, queues[0].clone(), origin);
     let p = collect(pub_tasks).await;
+    let (region, client) = used.await.unwrap_or_default();
     let outcome = if name == "W2" {
         let mut c = collect(con_tasks).await;
         for (k, v) in p.errors {
@@ -997,6 +1027,8 @@ async fn run_workload(
             errors: c.errors,
             window_s: args.duration_s as f64,
             published: Some(p.completed),
+            region,
+            client,
         }
     } else {
         Outcome {
@@ -1007,6 +1039,8 @@ async fn run_workload(
             errors: p.errors,
             window_s: args.duration_s as f64,
             published: None,
+            region,
+            client,
         }
     };
     let _ = bar.await;
@@ -1021,6 +1055,50 @@ async fn run_workload(
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     (h.value_at_quantile(q) as f64 / 1000.0 * 1000.0).round() / 1000.0
+}
+
+/// Per message: CPU microseconds and KiB written by the region, and CPU microseconds of this
+/// client; and the region's CPU use in percent of one core.
+fn cost_fields(o: &Outcome) -> Vec<(&'static str, f64)> {
+    let mut out = Vec::new();
+    if o.completed == 0 {
+        return out;
+    }
+    let per_msg = o.completed as f64;
+    let round1 = |x: f64| (x * 10.0).round() / 10.0;
+    if let Some(r) = o.region {
+        out.push((
+            "region_cpu_pct",
+            round1(r.cpu.as_secs_f64() / o.window_s * 100.0),
+        ));
+        out.push((
+            "region_cpu_us_per_msg",
+            round1(r.cpu.as_secs_f64() * 1e6 / per_msg),
+        ));
+        out.push((
+            "region_disk_kib_per_msg",
+            (r.disk_write_bytes as f64 / 1024.0 / per_msg * 100.0).round() / 100.0,
+        ));
+    }
+    if let Some(c) = o.client {
+        out.push((
+            "client_cpu_us_per_msg",
+            round1(c.cpu.as_secs_f64() * 1e6 / per_msg),
+        ));
+    }
+    out
+}
+
+fn cost_line(o: &Outcome) -> Option<String> {
+    let f: BTreeMap<_, _> = cost_fields(o).into_iter().collect();
+    let client = f.get("client_cpu_us_per_msg")?;
+    Some(match (f.get("region_cpu_us_per_msg"), f.get("region_disk_kib_per_msg")) {
+        (Some(cpu), Some(disk)) => format!(
+            "per message: region {cpu:.1} µs CPU and {disk:.2} KiB written ({:.0} % of one core), client {client:.1} µs CPU",
+            f["region_cpu_pct"]
+        ),
+        _ => format!("per message: client {client:.1} µs CPU (the region's processes are not local)"),
+    })
 }
 
 fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
@@ -1047,6 +1125,9 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
             "disk_fsync_per_s": fsync.0.round(),
             "disk_fsync_p50_ms": fsync.1,
         });
+        for (k, x) in cost_fields(o) {
+            v[k] = x.into();
+        }
         if o.workload == "T1" {
             v["subscriptions"] = args.t1_subscriptions.into();
             v["deliveries_per_s"] = ((rate * args.t1_subscriptions as f64).round()).into();
@@ -1065,6 +1146,9 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
             errors,
             if o.errors.is_empty() { String::new() } else { format!(" {:?}", o.errors) },
         );
+        if let Some(line) = cost_line(o) {
+            println!("    {line}");
+        }
         if let Some(p) = o.published {
             println!(
                 "    (W2: {:.1} sends/s; msgs/s and latency are received+deleted, send→delete)",
@@ -1103,6 +1187,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut local = None;
+    let mut region_pids = Vec::new();
     let target = match (&args.endpoint, args.protocol) {
         (Some(e), Protocol::Grpc | Protocol::GrpcStream) => Target::Grpc {
             seed: e.clone(),
@@ -1146,6 +1231,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     }
                 }
             };
+            region_pids = region.pids();
             local = Some(region);
             target
         }
@@ -1153,7 +1239,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let run_id = rand::random::<u32>() % 1_000_000;
     let mut result = Ok(());
     for w in &args.workload {
-        match run_workload(&args, &w.to_uppercase(), &target, run_id).await {
+        match run_workload(&args, &w.to_uppercase(), &target, run_id, &region_pids).await {
             Ok(o) => report(&o, &args, fsync),
             Err(e) => {
                 result = Err(e);

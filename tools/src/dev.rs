@@ -225,6 +225,14 @@ impl LocalRegion {
         })
     }
 
+    /// Process ids of the nodes still running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children
+            .iter()
+            .filter_map(|(_, c)| c.as_ref()?.id())
+            .collect()
+    }
+
     /// The region's credential for app id 0 (the gRPC tenant), created on first use and kept
     /// in the data directory so a restarted dev region prints the same one.
     pub async fn dev_credential(&self) -> anyhow::Result<(String, String)> {

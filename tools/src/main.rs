@@ -8,6 +8,7 @@ mod client;
 mod cmq_client;
 mod dev;
 mod topic_cli;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
