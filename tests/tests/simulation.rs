@@ -18,7 +18,8 @@ fn check(cfg: &SimConfig) {
     assert!(report.ok(), "{report}");
 }
 
-/// The fixed CI seeds (about 2 s each), split over two tests so they run in parallel.
+/// The fixed CI seeds (2-14 s each in a debug build, by machine), split over two tests so they
+/// run in parallel.
 #[test]
 fn seeds_1_to_12_keep_every_invariant() {
     for seed in 1..=12 {
