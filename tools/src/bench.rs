@@ -1057,48 +1057,24 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     (h.value_at_quantile(q) as f64 / 1000.0 * 1000.0).round() / 1000.0
 }
 
-/// Per message: CPU microseconds and KiB written by the region, and CPU microseconds of this
-/// client; and the region's CPU use in percent of one core.
-fn cost_fields(o: &Outcome) -> Vec<(&'static str, f64)> {
-    let mut out = Vec::new();
-    if o.completed == 0 {
-        return out;
-    }
-    let per_msg = o.completed as f64;
-    let round1 = |x: f64| (x * 10.0).round() / 10.0;
-    if let Some(r) = o.region {
-        out.push((
-            "region_cpu_pct",
-            round1(r.cpu.as_secs_f64() / o.window_s * 100.0),
-        ));
-        out.push((
-            "region_cpu_us_per_msg",
-            round1(r.cpu.as_secs_f64() * 1e6 / per_msg),
-        ));
-        out.push((
-            "region_disk_kib_per_msg",
-            (r.disk_write_bytes as f64 / 1024.0 / per_msg * 100.0).round() / 100.0,
-        ));
-    }
-    if let Some(c) = o.client {
-        out.push((
-            "client_cpu_us_per_msg",
-            round1(c.cpu.as_secs_f64() * 1e6 / per_msg),
-        ));
-    }
-    out
+/// What the local region's nodes spent per message over the window.
+struct RegionCost {
+    cpu_us: f64,
+    disk_kib: f64,
+    /// CPU use in percent of one core.
+    cpu_pct: f64,
 }
 
-fn cost_line(o: &Outcome) -> Option<String> {
-    let f: BTreeMap<_, _> = cost_fields(o).into_iter().collect();
-    let client = f.get("client_cpu_us_per_msg")?;
-    Some(match (f.get("region_cpu_us_per_msg"), f.get("region_disk_kib_per_msg")) {
-        (Some(cpu), Some(disk)) => format!(
-            "per message: region {cpu:.1} µs CPU and {disk:.2} KiB written ({:.0} % of one core), client {client:.1} µs CPU",
-            f["region_cpu_pct"]
-        ),
-        _ => format!("per message: client {client:.1} µs CPU (the region's processes are not local)"),
-    })
+/// What one message cost the region (when local) and this client; none if nothing completed.
+fn cost(o: &Outcome) -> Option<(Option<RegionCost>, Option<f64>)> {
+    let per_msg = (o.completed > 0).then_some(o.completed as f64)?;
+    let region = o.region.map(|r| RegionCost {
+        cpu_us: r.cpu.as_secs_f64() * 1e6 / per_msg,
+        disk_kib: r.disk_write_bytes as f64 / 1024.0 / per_msg,
+        cpu_pct: r.cpu.as_secs_f64() / o.window_s * 100.0,
+    });
+    let client_cpu_us = o.client.map(|c| c.cpu.as_secs_f64() * 1e6 / per_msg);
+    Some((region, client_cpu_us))
 }
 
 fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
@@ -1125,8 +1101,16 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
             "disk_fsync_per_s": fsync.0.round(),
             "disk_fsync_p50_ms": fsync.1,
         });
-        for (k, x) in cost_fields(o) {
-            v[k] = x.into();
+        if let Some((region, client)) = cost(o) {
+            let round = |x: f64, places: i32| (x * 10f64.powi(places)).round() / 10f64.powi(places);
+            if let Some(r) = region {
+                v["region_cpu_pct"] = round(r.cpu_pct, 1).into();
+                v["region_cpu_us_per_msg"] = round(r.cpu_us, 1).into();
+                v["region_disk_kib_per_msg"] = round(r.disk_kib, 2).into();
+            }
+            if let Some(c) = client {
+                v["client_cpu_us_per_msg"] = round(c, 1).into();
+            }
         }
         if o.workload == "T1" {
             v["subscriptions"] = args.t1_subscriptions.into();
@@ -1146,8 +1130,16 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
             errors,
             if o.errors.is_empty() { String::new() } else { format!(" {:?}", o.errors) },
         );
-        if let Some(line) = cost_line(o) {
-            println!("    {line}");
+        if let Some((region, Some(client))) = cost(o) {
+            match region {
+                Some(r) => println!(
+                    "    per message: region {:.1} µs CPU and {:.2} KiB written ({:.0} % of one core), client {client:.1} µs CPU",
+                    r.cpu_us, r.disk_kib, r.cpu_pct
+                ),
+                None => println!(
+                    "    per message: client {client:.1} µs CPU (the region's processes are not local)"
+                ),
+            }
         }
         if let Some(p) = o.published {
             println!(

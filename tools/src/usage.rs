@@ -32,10 +32,11 @@ impl Usage {
 /// user's, not Linux): a partial sum would understate the cost.
 pub fn of(pids: &[u32]) -> Option<Usage> {
     let mut total = Usage::default();
+    let ticks_per_s = ticks_per_second();
     for &pid in pids {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-        total.cpu += cpu_of_stat(&stat, ticks_per_second())?;
+        total.cpu += cpu_of_stat(&stat, ticks_per_s)?;
         total.disk_write_bytes += write_bytes_of_io(&io)?;
     }
     Some(total)
