@@ -191,7 +191,10 @@ pub struct RaftConfig {
     /// Most client operations combined into one Raft entry.
     pub max_batch_commands: usize,
     /// Raft entries of a group proposed but not yet applied; while they are in flight, new
-    /// operations accumulate into the next batch.
+    /// operations accumulate into the next batch. More entries in flight keep replicas'
+    /// fsyncs overlapping instead of a new operation waiting for a whole round: on 3 nodes on
+    /// loopback, 8 against 2 gave W2 (send, receive, delete) about 29 % more msgs/s and W1
+    /// about 8 %; 16 and 32 gave no more.
     pub max_inflight_batches: usize,
 }
 
@@ -206,7 +209,7 @@ impl Default for RaftConfig {
             max_payload_entries: 512,
             logs_kept_after_snapshot: 1000,
             max_batch_commands: 256,
-            max_inflight_batches: 2,
+            max_inflight_batches: 8,
         }
     }
 }
