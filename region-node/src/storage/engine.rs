@@ -949,14 +949,12 @@ mod tests {
             }
             flush_cfs(&e.dbs.state, &STATE_DB_CFS).unwrap();
         }
-        e.dbs
-            .state
+        let state = &e.dbs.state;
+        state
             .wait_for_compact(&rocksdb::WaitForCompactOptions::default())
             .unwrap();
-        let cf = e.dbs.state.cf_handle(CF_STATE).unwrap();
-        let l0 = e
-            .dbs
-            .state
+        let cf = state.cf_handle(CF_STATE).unwrap();
+        let l0 = state
             .property_int_value_cf(&cf, "rocksdb.num-files-at-level0")
             .unwrap();
         assert_eq!(
