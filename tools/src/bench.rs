@@ -95,6 +95,11 @@ pub struct BenchArgs {
     /// W2: long-poll wait of one receive, seconds.
     #[arg(long, default_value_t = 1)]
     w2_wait_s: u32,
+    /// W2: consumers wait for a batch's deletes to be acknowledged before receiving again
+    /// (by default the next receive overlaps them, as peerbench's consumers do not wait for
+    /// their acks).
+    #[arg(long)]
+    w2_serial: bool,
     /// W3: number of queues.
     #[arg(long, default_value_t = 64)]
     w3_queues: usize,
@@ -805,7 +810,10 @@ fn spawn_publishers(
 }
 
 /// W2 consumers: each with a receive connection and one delete connection per batch slot, so
-/// a batch's deletes go out at once (peerbench's clients ack fire-and-forget).
+/// a batch's deletes go out at once. Unless `--w2-serial`, a consumer receives its next batch
+/// while the previous batch's deletes are in flight: peerbench's consumers do not wait for
+/// their acks either (NATS `ack()` is a publish, AMQP `basic.ack` is unconfirmed). A message
+/// still counts only once its delete is acknowledged, i.e. on a majority's disk.
 fn spawn_consumers(
     args: &BenchArgs,
     w: Window,
@@ -813,6 +821,7 @@ fn spawn_consumers(
     queue: String,
     origin: Instant,
 ) -> Vec<tokio::task::JoinHandle<Stats>> {
+    let serial = args.w2_serial;
     consumers
         .into_iter()
         .map(|(mut c, mut deleters)| {
@@ -820,50 +829,74 @@ fn spawn_consumers(
             let (batch, wait) = (args.w2_batch.clamp(1, 16), args.w2_wait_s.min(30));
             tokio::spawn(async move {
                 let mut st = Stats::new();
+                // Received, not yet deleted: deleted while the next batch is received.
+                let mut pending = Vec::new();
                 while !w.over() {
-                    let msgs = match c.receive(&queue, batch, wait).await {
-                        Ok(m) => m,
+                    let deletes = delete_all(&mut deleters, &queue, std::mem::take(&mut pending));
+                    let received = if serial {
+                        let done = deletes.await;
+                        record_deletes(&mut st, w, origin, done);
+                        c.receive(&queue, batch, wait).await
+                    } else {
+                        let (received, done) =
+                            futures::join!(c.receive(&queue, batch, wait), deletes);
+                        record_deletes(&mut st, w, origin, done);
+                        received
+                    };
+                    match received {
+                        Ok(m) => pending = m,
                         Err(code) => {
                             if w.counts(Instant::now()) {
                                 st.error(code);
                             }
-                            continue;
-                        }
-                    };
-                    // Every message is deleted on its own, all of a batch's deletes at once.
-                    let deletes =
-                        msgs.into_iter()
-                            .zip(deleters.iter_mut())
-                            .map(|((handle, body), d)| {
-                                let queue = queue.clone();
-                                async move { (d.delete(&queue, handle).await, body) }
-                            });
-                    for (r, body) in futures::future::join_all(deletes).await {
-                        let now = Instant::now();
-                        match r {
-                            Ok(()) if w.counts(now) => {
-                                st.completed += 1;
-                                st.bytes += body.len() as u64;
-                                if let Some(ns) = sent_ns(&body) {
-                                    let lat = (origin.elapsed().as_nanos() as u64)
-                                        .saturating_sub(ns)
-                                        / 1000;
-                                    let _ = st.latency.record(lat.max(1));
-                                }
-                            }
-                            Ok(()) => {}
-                            Err(code) => {
-                                if w.counts(now) {
-                                    st.error(code);
-                                }
-                            }
                         }
                     }
                 }
+                let done = delete_all(&mut deleters, &queue, pending).await;
+                record_deletes(&mut st, w, origin, done);
                 st
             })
         })
         .collect()
+}
+
+/// One delete's outcome, the message body and when the reply came.
+type Deleted = (Result<(), u32>, Vec<u8>, Instant);
+
+/// Deletes every message of a batch on its own, all at once.
+async fn delete_all(
+    deleters: &mut [Conn],
+    queue: &str,
+    msgs: Vec<(String, Vec<u8>)>,
+) -> Vec<Deleted> {
+    let deletes = msgs
+        .into_iter()
+        .zip(deleters.iter_mut())
+        .map(|((handle, body), d)| async move {
+            let r = d.delete(queue, handle).await;
+            (r, body, Instant::now())
+        });
+    futures::future::join_all(deletes).await
+}
+
+/// Counts the deletes that completed inside the window; latency is send → delete ack.
+fn record_deletes(st: &mut Stats, w: Window, origin: Instant, done: Vec<Deleted>) {
+    for (r, body, at) in done {
+        if !w.counts(at) {
+            continue;
+        }
+        match r {
+            Ok(()) => {
+                st.completed += 1;
+                st.bytes += body.len() as u64;
+                if let Some(ns) = sent_ns(&body) {
+                    let lat = ((at - origin).as_nanos() as u64).saturating_sub(ns) / 1000;
+                    let _ = st.latency.record(lat.max(1));
+                }
+            }
+            Err(code) => st.error(code),
+        }
+    }
 }
 
 async fn progress(w: Window, label: String, quiet: bool) {
