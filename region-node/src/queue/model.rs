@@ -39,14 +39,14 @@ pub struct Queue {
 }
 
 /// What changed since the queue was last written out as rows (`queue::rows`). Not state: it is
-/// drained after every apply and ignored by comparisons and digests.
+/// drained when the state machine writes rows and ignored by comparisons and digests.
 #[derive(Debug, Clone, Default)]
 pub struct QueueChanges {
     /// Name, attributes or times.
     pub meta: bool,
     /// Messages whose header changed or that are gone.
     pub headers: BTreeSet<u64>,
-    /// Messages whose body is new.
+    /// Messages whose body is new: none of their rows is written yet.
     pub bodies: BTreeSet<u64>,
 }
 
@@ -135,8 +135,12 @@ impl Queue {
 
     pub fn remove(&mut self, seq: u64) -> Option<Message> {
         let m = self.messages.remove(&seq)?;
-        self.changes.headers.insert(seq);
-        self.changes.bodies.remove(&seq);
+        // A message whose body is still new was never written out: nothing to delete.
+        if self.changes.bodies.remove(&seq) {
+            self.changes.headers.remove(&seq);
+        } else {
+            self.changes.headers.insert(seq);
+        }
         if m.deleted_ms.is_some() {
             self.deleted_count -= 1;
         } else {

@@ -1,9 +1,11 @@
 //! The state machine of one group: the in-memory [`GroupState`], mirrored into RocksDB rows.
 //!
 //! Applying never reads the clock: each command carries the leader's time. The state is served
-//! from memory; after every apply the rows it changed are written to the memtable only (not the
-//! WAL: the log is what is durable, and a restart re-applies the log after the index the flushed
-//! rows name). A snapshot is a RocksDB checkpoint: the flush it makes turns the rows durable, and
+//! from memory; the rows that applies changed are written to the memtable only (not the WAL: the
+//! log is what is durable, and a restart re-applies the log after the index the flushed rows
+//! name), once enough has changed ([`ROWS_EVERY_COMMANDS`], [`ROWS_EVERY_BODY_BYTES`]) and
+//! before every snapshot. Writing them seldom lets a message sent and deleted in between cost no
+//! row at all. A snapshot is a RocksDB checkpoint: the flush it makes turns the rows durable, and
 //! its copy is what a lagging follower is sent, so logs are only purged up to a state on disk.
 
 use std::collections::HashMap;
@@ -23,6 +25,12 @@ use crate::storage::{
 };
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+/// State rows are written once this many commands were applied since the last write...
+pub const ROWS_EVERY_COMMANDS: u64 = 1024;
+/// ...or once the bodies they sent add up to this many bytes, so one write of rows (which the
+/// log writer makes between two log appends) stays small.
+pub const ROWS_EVERY_BODY_BYTES: u64 = 1 << 20;
 
 type StResult<T> = Result<T, std::io::Error>;
 
@@ -90,6 +98,8 @@ pub struct SharedState {
     pub snapshots_installed: std::sync::atomic::AtomicU64,
     /// Serialises snapshot writes.
     snapshot_store: Mutex<()>,
+    /// Commands applied and body bytes sent since state rows were last written.
+    unwritten: Mutex<(u64, u64)>,
 }
 
 impl SharedState {
@@ -233,6 +243,7 @@ impl StateMachineStore {
                 notifier: QueueNotifier::default(),
                 snapshots_installed: Default::default(),
                 snapshot_store: Mutex::new(()),
+                unwritten: Mutex::new((0, 0)),
             }),
         };
         let current = store.load_record()?.map(|r| r.checkpoint);
@@ -363,6 +374,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     /// row names, as each apply writes its rows and that row in one batch.
     async fn build_snapshot(&mut self) -> StResult<Snapshot> {
         // Behind the rows of every apply so far, so the snapshot is as recent as openraft asks.
+        self.write_pending_rows()?;
         self.write_ordered(Vec::new()).await?;
         let (meta, checkpoint) = run_blocking(|| self.take_snapshot())?;
         Ok(Snapshot {
@@ -383,9 +395,8 @@ impl StateMachineStore {
         {
             let mut state = self.shared.state.write().expect("state lock");
             let mut applied = self.shared.applied.write().expect("applied lock");
-            let mut any = false;
+            let mut unwritten = self.shared.unwritten.lock().expect("unwritten lock");
             for entry in entries {
-                any = true;
                 applied.0 = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => results.push(Vec::new()),
@@ -395,6 +406,8 @@ impl StateMachineStore {
                             if let Op::RewindQueue { key, .. } = &cmd.op {
                                 woken.push(key.clone());
                             }
+                            unwritten.0 += 1;
+                            unwritten.1 += body_bytes(&cmd.op);
                             out.push(state.apply(cmd));
                         }
                         woken.append(&mut state.woken.0);
@@ -406,28 +419,8 @@ impl StateMachineStore {
                     }
                 }
             }
-            if any {
-                // The rows and the applied row in one batch: rows on disk are always a state
-                // at the index they name. Unlogged: the log is what is durable; the rows reach
-                // disk with the next flush, and after a crash the log is re-applied from the
-                // index the flushed rows name.
-                // The applied row sorts first of the group's rows (its tag is `a`) and no
-                // range deletion covers it, so the batch stays in key order.
-                let mut rows = vec![RowOp::Put(
-                    applied_key(self.group),
-                    bincode::serialize(&*applied).map_err(|e| sm_err(&e))?,
-                )];
-                state.drain_changes(&mut rows);
-                let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
-                self.engine.submit(LogJob {
-                    ops,
-                    durability: Durability::Unlogged,
-                    done: Box::new(|r| {
-                        if let Err(e) = r {
-                            tracing::error!("writing state rows: {e}");
-                        }
-                    }),
-                });
+            if unwritten.0 >= ROWS_EVERY_COMMANDS || unwritten.1 >= ROWS_EVERY_BODY_BYTES {
+                self.write_rows(&mut state, &applied, &mut unwritten)?;
             }
         }
         for key in woken {
@@ -435,6 +428,56 @@ impl StateMachineStore {
         }
         Ok(results)
     }
+
+    /// Writes the rows changed since they were last written, if any (a snapshot does this
+    /// first; so may a graceful stop, to shorten the next start's replay).
+    pub fn write_pending_rows(&self) -> StResult<()> {
+        let mut state = self.shared.state.write().expect("state lock");
+        let applied = self.shared.applied.read().expect("applied lock");
+        let mut unwritten = self.shared.unwritten.lock().expect("unwritten lock");
+        self.write_rows(&mut state, &applied, &mut unwritten)
+    }
+
+    /// The rows changed since the last write and the applied row, in one batch: rows on disk are
+    /// always a state at the index they name. Unlogged: the log is what is durable; the rows
+    /// reach disk with the next flush, and after a crash the log is re-applied from the index
+    /// the flushed rows name.
+    fn write_rows(
+        &self,
+        state: &mut GroupState,
+        applied: &Applied,
+        unwritten: &mut (u64, u64),
+    ) -> StResult<()> {
+        // The applied row sorts first of the group's rows (its tag is `a`) and no range
+        // deletion covers it, so the batch stays in key order.
+        let mut rows = vec![RowOp::Put(
+            applied_key(self.group),
+            bincode::serialize(applied).map_err(|e| sm_err(&e))?,
+        )];
+        state.drain_changes(&mut rows);
+        *unwritten = (0, 0);
+        let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
+        self.engine.submit(LogJob {
+            ops,
+            durability: Durability::Unlogged,
+            done: Box::new(|r| {
+                if let Err(e) = r {
+                    tracing::error!("writing state rows: {e}");
+                }
+            }),
+        });
+        Ok(())
+    }
+}
+
+/// Bytes of message bodies `op` brings into the state.
+fn body_bytes(op: &Op) -> u64 {
+    let total: usize = match op {
+        Op::Send { bodies, .. } | Op::Publish { bodies, .. } => bodies.iter().map(Vec::len).sum(),
+        Op::Transfers { items, .. } => items.iter().map(|i| i.body.len()).sum(),
+        _ => 0,
+    };
+    total as u64
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -518,6 +561,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut a = self.shared.applied.write().expect("applied lock");
             *s = state;
             *a = applied;
+            // What the replaced state had not written is gone with it.
+            *self.shared.unwritten.lock().expect("unwritten lock") = (0, 0);
         }
         // This node's own checkpoint of what it installed, to serve as its current snapshot.
         run_blocking(|| self.take_snapshot())?;
@@ -595,6 +640,55 @@ mod tests {
         (engine, sm)
     }
 
+    /// The applied index the group's rows (memtable included) name; 0 before any.
+    fn written_index(engine: &Arc<dyn StorageEngine>) -> u64 {
+        let (from, to) = group_rows(1);
+        let rows = engine.scan(CF_STATE, &from, &to).unwrap();
+        applied_of_rows(1, &rows).unwrap().0.map_or(0, |l| l.index)
+    }
+
+    #[tokio::test]
+    async fn rows_are_written_once_enough_has_changed_or_when_asked() {
+        let a = tempfile::tempdir().unwrap();
+        let (engine, sm) = open(a.path());
+        let create = Op::CreateQueue {
+            tenant: "".into(),
+            name: "q".into(),
+            attrs: QueueAttributes::default(),
+        };
+        sm.apply_entries(vec![entry(1, vec![create]), entry(2, vec![send(3)])])
+            .unwrap();
+        sm.write_ordered(Vec::new()).await.unwrap();
+        assert_eq!(written_index(&engine), 0, "two commands: nothing written");
+
+        let enough = (1..ROWS_EVERY_COMMANDS).map(|_| send(1)).collect();
+        sm.apply_entries(vec![entry(3, enough)]).unwrap();
+        sm.write_ordered(Vec::new()).await.unwrap();
+        assert_eq!(written_index(&engine), 3, "the count reached: written");
+
+        let big = Op::Send {
+            key: key(),
+            bodies: vec![vec![7; ROWS_EVERY_BODY_BYTES as usize / 2]; 2],
+            delay_seconds: 0,
+        };
+        sm.apply_entries(vec![entry(4, vec![send(1)]), entry(5, vec![big])])
+            .unwrap();
+        sm.write_ordered(Vec::new()).await.unwrap();
+        assert_eq!(written_index(&engine), 5, "the bytes reached: written");
+
+        sm.apply_entries(vec![entry(6, vec![send(1)])]).unwrap();
+        sm.write_ordered(Vec::new()).await.unwrap();
+        assert_eq!(written_index(&engine), 5);
+        sm.write_pending_rows().unwrap();
+        sm.write_ordered(Vec::new()).await.unwrap();
+        assert_eq!(written_index(&engine), 6, "asked: written");
+        // What is written is the state in memory.
+        let before = sm.shared.digest();
+        drop((sm, engine));
+        let (_engine, sm) = open(a.path());
+        assert_eq!(sm.shared.digest(), before);
+    }
+
     #[tokio::test]
     async fn rows_survive_restarts_and_snapshots_are_checkpoints_a_follower_installs() {
         let a = tempfile::tempdir().unwrap();
@@ -661,6 +755,7 @@ mod tests {
         );
 
         sm.apply_entries(vec![entry(6, vec![send(1)])]).unwrap();
+        sm.write_pending_rows().unwrap();
         sm.write_ordered(Vec::new()).await.unwrap();
         let before = sm.shared.digest();
         assert_eq!(before.0, 6);

@@ -280,3 +280,89 @@ fn a_malformed_row_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// Message rows among `ops`: (puts, deletes). Byte 4 of a key is its tag.
+fn message_rows(ops: &[RowOp]) -> (usize, usize) {
+    let is_message = |k: &[u8]| k[4] == b'b' || k[4] == b'h';
+    let puts = ops
+        .iter()
+        .filter(|op| matches!(op, RowOp::Put(k, _) if is_message(k)))
+        .count();
+    let deletes = ops
+        .iter()
+        .filter(|op| matches!(op, RowOp::Delete(k) if is_message(k)))
+        .count();
+    (puts, deletes)
+}
+
+fn apply(s: &mut GroupState, op: Op) -> OpResult {
+    s.apply(&Command { now_ms: T0, op })
+}
+
+/// Writes what changed into `table`, checks it rebuilds `s`, and counts the message rows.
+fn drain(s: &mut GroupState, table: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> (usize, usize) {
+    let mut ops = Vec::new();
+    s.drain_changes(&mut ops);
+    let counts = message_rows(&ops);
+    write(table, ops);
+    assert_eq!(&reload(table), s);
+    counts
+}
+
+/// Sends `sent` messages to queue `a`, then receives up to `consumed` and deletes them.
+fn send_and_consume(s: &mut GroupState, sent: usize, consumed: u32) {
+    if sent > 0 {
+        apply(
+            s,
+            Op::Send {
+                key: key("a"),
+                bodies: vec![b"x".to_vec(); sent],
+                delay_seconds: 0,
+            },
+        );
+    }
+    let OpResult::Received { messages, .. } = apply(
+        s,
+        Op::Receive {
+            key: key("a"),
+            max: consumed,
+        },
+    ) else {
+        panic!("receive refused");
+    };
+    let receipts = messages
+        .iter()
+        .map(|m| Receipt {
+            seq: m.seq,
+            generation: m.dequeue_count,
+        })
+        .collect();
+    apply(
+        s,
+        Op::Delete {
+            key: key("a"),
+            receipts,
+        },
+    );
+}
+
+#[test]
+fn a_message_sent_and_deleted_between_two_writes_costs_no_row() {
+    let mut s = GroupState::new(1, 2);
+    apply(
+        &mut s,
+        Op::CreateQueue {
+            tenant: "".into(),
+            name: "a".into(),
+            attrs: QueueAttributes::default(),
+        },
+    );
+    let mut table = BTreeMap::new();
+    drain(&mut s, &mut table);
+    // Three sent, two of them received and deleted, then written: only the third has rows.
+    send_and_consume(&mut s, 3, 2);
+    assert_eq!(drain(&mut s, &mut table), (2, 0));
+    // The third, written out before, is deleted: its two rows go.
+    send_and_consume(&mut s, 0, 1);
+    assert_eq!(drain(&mut s, &mut table), (0, 2));
+}
