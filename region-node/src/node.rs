@@ -49,6 +49,8 @@ pub struct Group {
     pub raft: Raft,
     pub proposer: Proposer,
     pub shared: Arc<SharedState>,
+    /// The group's state machine (openraft holds another handle on it).
+    pub sm: StateMachineStore,
     /// How this node, leading the group, streams appends to the others.
     pub replication: Arc<ReplicationStats>,
     /// Log bytes this node appended since it last asked for a snapshot by size.
@@ -299,6 +301,7 @@ impl RegionNode {
             let sm = StateMachineStore::open(id, config.data_groups, engine.clone())
                 .map_err(|e| NodeError::Storage(e.to_string()))?;
             let shared = sm.shared.clone();
+            let sm_handle = sm.clone();
             let replication = Arc::new(ReplicationStats::default());
             let net = NetworkFactory {
                 group: id,
@@ -315,6 +318,7 @@ impl RegionNode {
                 raft,
                 proposer,
                 shared,
+                sm: sm_handle,
                 replication,
                 log_bytes,
             });
@@ -930,6 +934,11 @@ impl RegionNode {
         for g in &self.groups {
             let _ = g.raft.shutdown().await;
             tracing::info!(group = g.id, "raft stopped");
+            // Nothing applies any more: the rows it has not written yet go into the flush
+            // below, so the next start re-applies less of the log.
+            if let Err(e) = g.sm.persist_pending_rows().await {
+                tracing::warn!(group = g.id, "writing state rows at shutdown: {e}");
+            }
         }
         if let Err(e) = self.engine.flush() {
             tracing::warn!("flush at shutdown: {e}");

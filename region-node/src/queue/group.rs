@@ -139,6 +139,26 @@ impl GroupState {
             .ok_or_else(|| CmqError::queue_not_found(&key.name))
     }
 
+    /// [`apply`](Self::apply), but a send's bodies move into the state instead of being copied.
+    pub fn apply_owned(&mut self, cmd: Command) -> OpResult {
+        match cmd.op {
+            Op::Send {
+                key,
+                bodies,
+                delay_seconds,
+            } => {
+                let now = cmd.now_ms.max(self.clock_ms);
+                self.clock_ms = now;
+                self.send(&key, bodies, delay_seconds, now)
+                    .unwrap_or_else(OpResult::Failed)
+            }
+            op => self.apply(&Command {
+                now_ms: cmd.now_ms,
+                op,
+            }),
+        }
+    }
+
     pub fn apply(&mut self, cmd: &Command) -> OpResult {
         let now = cmd.now_ms.max(self.clock_ms);
         self.clock_ms = now;
@@ -167,7 +187,7 @@ impl GroupState {
                 key,
                 bodies,
                 delay_seconds,
-            } => self.send(key, bodies, *delay_seconds, now),
+            } => self.send(key, bodies.clone(), *delay_seconds, now),
             Op::Receive { key, max } => self.receive(key, *max, now),
             Op::Delete { key, receipts } => self.delete(key, receipts, now),
             Op::Transfers {
@@ -367,7 +387,7 @@ impl GroupState {
     fn send(
         &mut self,
         key: &QueueKey,
-        bodies: &[Vec<u8>],
+        bodies: Vec<Vec<u8>>,
         delay: u32,
         now: i64,
     ) -> Result<OpResult, CmqError> {
@@ -385,12 +405,12 @@ impl GroupState {
         }
         // Limits were checked by the front end; re-checked here against the queue's size limit
         // because it may have changed between check and commit.
-        for b in bodies {
+        for b in &bodies {
             meridian_api::limits::validate_body(b, q.attrs.max_msg_size)?;
         }
         let mut msg_ids = Vec::with_capacity(bodies.len());
         for b in bodies {
-            let seq = self.enqueue(key, b.clone(), now, delay);
+            let seq = self.enqueue(key, b, now, delay);
             msg_ids.push(self.msg_id(seq));
         }
         Ok(OpResult::Sent { msg_ids })

@@ -402,13 +402,13 @@ impl StateMachineStore {
                     EntryPayload::Blank => results.push(Vec::new()),
                     EntryPayload::Normal(batch) => {
                         let mut out = Vec::with_capacity(batch.commands.len());
-                        for cmd in &batch.commands {
+                        for cmd in batch.commands {
                             if let Op::RewindQueue { key, .. } = &cmd.op {
                                 woken.push(key.clone());
                             }
                             unwritten.0 += 1;
                             unwritten.1 += body_bytes(&cmd.op);
-                            out.push(state.apply(cmd));
+                            out.push(state.apply_owned(cmd));
                         }
                         woken.append(&mut state.woken.0);
                         results.push(out);
@@ -436,6 +436,12 @@ impl StateMachineStore {
         let applied = self.shared.applied.read().expect("applied lock");
         let mut unwritten = self.shared.unwritten.lock().expect("unwritten lock");
         self.write_rows(&mut state, &applied, &mut unwritten)
+    }
+
+    /// [`write_pending_rows`](Self::write_pending_rows), and waits until they are written.
+    pub async fn persist_pending_rows(&self) -> StResult<()> {
+        self.write_pending_rows()?;
+        self.write_ordered(Vec::new()).await
     }
 
     /// The rows changed since the last write and the applied row, in one batch: rows on disk are

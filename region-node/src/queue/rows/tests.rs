@@ -223,7 +223,8 @@ proptest! {
                 }
             };
             if let Some(op) = op {
-                s.apply(&Command { now_ms: now, op });
+                // The state machine's own path (sends move their bodies in).
+                s.apply_owned(Command { now_ms: now, op });
             }
         }
         let mut ops = Vec::new();
