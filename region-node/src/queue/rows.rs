@@ -73,7 +73,8 @@ pub fn group_rows(group: u32) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn row_key(group: u32, tag: u8, key: Option<&QueueKey>, seq: Option<u64>) -> Vec<u8> {
-    // Sized once: two of these are made for every message a write of rows carries.
+    // `storage::group_key(group, &[tag])` and the rest, sized once: two of these are made for
+    // every message a write of rows carries.
     let len =
         5 + key.map_or(0, |k| 4 + k.tenant.len() + k.name.len()) + 8 * usize::from(seq.is_some());
     let mut k = Vec::with_capacity(len);
