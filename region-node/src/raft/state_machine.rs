@@ -374,8 +374,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     /// row names, as each apply writes its rows and that row in one batch.
     async fn build_snapshot(&mut self) -> StResult<Snapshot> {
         // Behind the rows of every apply so far, so the snapshot is as recent as openraft asks.
-        self.write_pending_rows()?;
-        self.write_ordered(Vec::new()).await?;
+        self.persist_pending_rows().await?;
         let (meta, checkpoint) = run_blocking(|| self.take_snapshot())?;
         Ok(Snapshot {
             meta,
@@ -685,8 +684,7 @@ mod tests {
         sm.apply_entries(vec![entry(6, vec![send(1)])]).unwrap();
         sm.write_ordered(Vec::new()).await.unwrap();
         assert_eq!(written_index(&engine), 5);
-        sm.write_pending_rows().unwrap();
-        sm.write_ordered(Vec::new()).await.unwrap();
+        sm.persist_pending_rows().await.unwrap();
         assert_eq!(written_index(&engine), 6, "asked: written");
         // What is written is the state in memory.
         let before = sm.shared.digest();
@@ -761,8 +759,7 @@ mod tests {
         );
 
         sm.apply_entries(vec![entry(6, vec![send(1)])]).unwrap();
-        sm.write_pending_rows().unwrap();
-        sm.write_ordered(Vec::new()).await.unwrap();
+        sm.persist_pending_rows().await.unwrap();
         let before = sm.shared.digest();
         assert_eq!(before.0, 6);
         // A checkpoint nothing records (a crash right after making it) goes at the next open.
