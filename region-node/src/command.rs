@@ -4,6 +4,7 @@
 //! replica — and, later, a standby region replaying the same log — reaches the same state without
 //! reading its own clock.
 
+use bytes::Bytes;
 use meridian_api::limits::{QueueAttributes, QueueAttributesPatch};
 use meridian_api::topics::FilterType;
 use meridian_api::CmqError;
@@ -76,8 +77,9 @@ pub enum Op {
     },
     Send {
         key: QueueKey,
-        #[serde(with = "byte_vecs")]
-        bodies: Vec<Vec<u8>>,
+        /// Shared, not copied, between the log's in-memory entries and the state they are
+        /// applied to (and the state rows written from it).
+        bodies: Vec<Bytes>,
         delay_seconds: u32,
     },
     Receive {

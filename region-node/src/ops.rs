@@ -1,6 +1,7 @@
 //! The queue operations every front end (gRPC, CMQ HTTP) offers, per tenant: validation at the
 //! edge, then execution on the leader of the queue's group via [`RegionNode::execute`].
 
+use bytes::Bytes;
 use std::sync::Arc;
 
 use meridian_api::limits::{
@@ -305,7 +306,7 @@ impl QueueOps {
                 &key,
                 Op::Send {
                     key: key.clone(),
-                    bodies,
+                    bodies: bodies.into_iter().map(Bytes::from).collect(),
                     delay_seconds: delay,
                 },
             )

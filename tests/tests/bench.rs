@@ -70,6 +70,7 @@ fn bench_runs_every_peerbench_workload_over_the_message_stream() {
     for (v, w) in out.iter().zip(["W1", "W2", "W3"]) {
         check(v, w);
         assert_eq!(v["protocol"], "grpc-stream", "{v}");
+        assert_eq!(v["to_leader"], true, "{v}");
     }
 }
 
@@ -81,4 +82,6 @@ fn bench_runs_serial_w2_consumers_over_the_cmq_http_api() {
     assert_eq!(out.len(), 1, "{out:?}");
     check(&out[0], "W2");
     assert_eq!(out[0]["protocol"], "http", "{out:?}");
+    // Over HTTP too, each queue's traffic goes to its group leader's node in a local region.
+    assert_eq!(out[0]["to_leader"], true, "{out:?}");
 }

@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -268,12 +270,41 @@ enum Target {
     /// A gRPC endpoint of any node; publishers go to each queue's group leader. With
     /// `stream`, sends and deletes use `MessageStream`.
     Grpc { seed: String, stream: bool },
-    /// A CMQ HTTP endpoint with a key pair; the node forwards to leaders itself.
+    /// A CMQ HTTP endpoint with a key pair; the node forwards to leaders itself. With `nodes`
+    /// (the local region), each queue's traffic goes to its group leader's node instead, as
+    /// over gRPC: whether the endpoint led the queue's group or forwarded every request to
+    /// the node that did made runs differ by half.
     Http {
         endpoint: String,
         secret_id: String,
         secret_key: String,
+        nodes: Option<NodeEndpoints>,
     },
+}
+
+/// Every node's gRPC and CMQ HTTP endpoints, in the same order.
+#[derive(Clone)]
+struct NodeEndpoints {
+    grpc: Vec<String>,
+    http: Vec<String>,
+    /// Connections that went to the given endpoint because the leader could not be told.
+    missed: Arc<AtomicU64>,
+}
+
+impl NodeEndpoints {
+    /// The CMQ HTTP endpoint of the node leading `queue`'s group, if it can be told.
+    async fn http_of_leader(&self, queue: &str) -> Option<String> {
+        let found = async {
+            let leader = leader_endpoint(self.grpc.first()?, queue).await.ok()?;
+            let i = self.grpc.iter().position(|g| *g == leader)?;
+            self.http.get(i).cloned()
+        }
+        .await;
+        if found.is_none() {
+            self.missed.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
 }
 
 /// One client connection of either protocol. Errors are CMQ codes (0: transport failure).
@@ -562,7 +593,26 @@ impl Target {
                 endpoint,
                 secret_id,
                 secret_key,
-            } => Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?)),
+                nodes,
+            } => {
+                let url = match nodes {
+                    Some(n) => n.http_of_leader(queue).await,
+                    None => None,
+                };
+                let url = url.as_deref().unwrap_or(endpoint);
+                Ok(Conn::Http(CmqHttp::new(url, secret_id, secret_key)?))
+            }
+        }
+    }
+
+    /// Whether traffic goes to each queue's group leader: always over gRPC, over HTTP when
+    /// the nodes are known; `None` when it goes to the given endpoint, leader or not.
+    fn to_leader(&self) -> Option<bool> {
+        match self {
+            Target::Grpc { .. } => Some(true),
+            Target::Http { nodes, .. } => nodes
+                .as_ref()
+                .map(|n| n.missed.load(Ordering::Relaxed) == 0),
         }
     }
 
@@ -573,6 +623,7 @@ impl Target {
                 endpoint,
                 secret_id,
                 secret_key,
+                ..
             } => Ok(Conn::Http(CmqHttp::new(endpoint, secret_id, secret_key)?)),
         }
     }
@@ -610,6 +661,7 @@ async fn create_topic(target: &Target, topic: &str, queues: &[String]) -> anyhow
             endpoint,
             secret_id,
             secret_key,
+            ..
         } => {
             let mut c = CmqHttp::new(endpoint, secret_id, secret_key)?;
             let check = |r: anyhow::Result<CmqReply>| match http_code(r) {
@@ -666,6 +718,7 @@ async fn delete_topic(target: &Target, topic: &str, subscriptions: usize) {
             endpoint,
             secret_id,
             secret_key,
+            ..
         } => {
             let Ok(mut c) = CmqHttp::new(endpoint, secret_id, secret_key) else {
                 return;
@@ -722,6 +775,7 @@ async fn topic_publisher_conns(
             endpoint,
             secret_id,
             secret_key,
+            ..
         } => {
             for _ in 0..n {
                 out.push((
@@ -1110,7 +1164,7 @@ fn cost(o: &Outcome) -> Option<(Option<RegionCost>, Option<f64>)> {
     Some((region, client_cpu_us))
 }
 
-fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
+fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64), to_leader: Option<bool>) {
     let rate = o.completed as f64 / o.window_s;
     let mib = o.bytes as f64 / o.window_s / (1024.0 * 1024.0);
     let errors: u64 = o.errors.values().sum();
@@ -1133,6 +1187,7 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64)) {
             "body_bytes": args.body_bytes,
             "disk_fsync_per_s": fsync.0.round(),
             "disk_fsync_p50_ms": fsync.1,
+            "to_leader": to_leader,
         });
         if let Some((region, client)) = cost(o) {
             let round = |x: f64, places: i32| (x * 10f64.powi(places)).round() / 10f64.powi(places);
@@ -1223,6 +1278,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 endpoint: e.clone(),
                 secret_id: id.clone(),
                 secret_key: key.clone(),
+                nodes: None,
             },
             _ => bail!("--protocol http with --endpoint needs --secret-id and --secret-key"),
         },
@@ -1253,6 +1309,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         endpoint: region.http[0].clone(),
                         secret_id,
                         secret_key,
+                        nodes: Some(NodeEndpoints {
+                            grpc: region.grpc.clone(),
+                            http: region.http.clone(),
+                            missed: Arc::default(),
+                        }),
                     }
                 }
             };
@@ -1261,11 +1322,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             target
         }
     };
+    if !args.json {
+        match target.to_leader() {
+            Some(true) => println!("requests go to the node leading each queue's group"),
+            _ => println!(
+                "requests go to the given endpoint, which forwards those of groups it does not lead"
+            ),
+        }
+    }
     let run_id = rand::random::<u32>() % 1_000_000;
     let mut result = Ok(());
     for w in &args.workload {
         match run_workload(&args, &w.to_uppercase(), &target, run_id, &region_pids).await {
-            Ok(o) => report(&o, &args, fsync),
+            Ok(o) => report(&o, &args, fsync, target.to_leader()),
             Err(e) => {
                 result = Err(e);
                 break;

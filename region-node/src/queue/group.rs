@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use meridian_api::limits::{DeadLetterTrigger, QueueAttributes};
 use meridian_api::{CmqCode, CmqError};
 use serde::{Deserialize, Serialize};
@@ -204,7 +205,7 @@ impl GroupState {
                         self.transfers_applied.insert(*source_group, item.id);
                         // A queue deleted meanwhile drops the message, as CMQ does.
                         if self.queues.contains_key(&item.key) {
-                            self.enqueue(&item.key, item.body.clone(), now, 0);
+                            self.enqueue(&item.key, Bytes::from(item.body.clone()), now, 0);
                         }
                     }
                 }
@@ -350,7 +351,7 @@ impl GroupState {
 
     /// Puts a message into a queue of this tenant: here if the queue lives in this group (gone
     /// queues drop it), otherwise into the outbox for its group.
-    pub(crate) fn route_to_queue(&mut self, key: &QueueKey, body: Vec<u8>, now: i64) {
+    pub(crate) fn route_to_queue(&mut self, key: &QueueKey, body: Bytes, now: i64) {
         let target_group = group_of(key, self.data_groups);
         if target_group == self.group {
             if self.queues.contains_key(key) {
@@ -364,13 +365,13 @@ impl GroupState {
                 OutboxEntry {
                     target_group,
                     key: key.clone(),
-                    body,
+                    body: body.to_vec(),
                 },
             );
         }
     }
 
-    pub(crate) fn enqueue(&mut self, key: &QueueKey, body: Vec<u8>, now: i64, delay: u32) -> u64 {
+    pub(crate) fn enqueue(&mut self, key: &QueueKey, body: Bytes, now: i64, delay: u32) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         let q = self
@@ -387,7 +388,7 @@ impl GroupState {
     fn send(
         &mut self,
         key: &QueueKey,
-        bodies: Vec<Vec<u8>>,
+        bodies: Vec<Bytes>,
         delay: u32,
         now: i64,
     ) -> Result<OpResult, CmqError> {
@@ -476,7 +477,7 @@ impl GroupState {
                 queue_id: queue_id.clone(),
                 seq,
                 msg_id: msg_id(group, seq),
-                body: m.body.clone(),
+                body: m.body.to_vec(),
                 enqueue_ms: m.enqueue_ms,
                 first_dequeue_ms: m.first_dequeue_ms,
                 next_visible_ms: m.visible_ms,

@@ -3,13 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use meridian_api::limits::QueueAttributes;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
-    #[serde(with = "serde_bytes")]
-    pub body: Vec<u8>,
+    pub body: Bytes,
     pub enqueue_ms: i64,
     /// When it may next be received; meaningless once deleted.
     pub visible_ms: i64,
@@ -91,7 +91,7 @@ impl Queue {
         self.messages.len() as u64 - self.deleted_count
     }
 
-    pub fn insert(&mut self, seq: u64, body: Vec<u8>, now_ms: i64, delay_seconds: u32) {
+    pub fn insert(&mut self, seq: u64, body: Bytes, now_ms: i64, delay_seconds: u32) {
         let visible_ms = now_ms + i64::from(delay_seconds) * 1000;
         self.messages.insert(
             seq,

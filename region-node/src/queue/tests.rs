@@ -45,7 +45,7 @@ impl Harness {
     fn send(&mut self, name: &str, body: &str, delay: u32) -> String {
         match self.apply(Op::Send {
             key: Self::key(name),
-            bodies: vec![body.as_bytes().to_vec()],
+            bodies: vec![body.as_bytes().to_vec().into()],
             delay_seconds: delay,
         }) {
             OpResult::Sent { mut msg_ids } => msg_ids.pop().unwrap(),
@@ -210,7 +210,7 @@ fn dead_letter_queue_in_another_group_goes_through_outbox() {
         T0,
         Op::Send {
             key: key.clone(),
-            bodies: vec![b"x".to_vec()],
+            bodies: vec![b"x".to_vec().into()],
             delay_seconds: 0,
         },
     ));
@@ -336,7 +336,7 @@ fn heap_limit_and_errors() {
     h.send("q", "b", 0);
     match h.apply(Op::Send {
         key: Harness::key("q"),
-        bodies: vec![b"c".to_vec()],
+        bodies: vec![b"c".to_vec().into()],
         delay_seconds: 0,
     }) {
         OpResult::Failed(e) => assert_eq!(e.code, CmqCode::HeapFull),

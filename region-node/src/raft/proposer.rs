@@ -20,7 +20,9 @@ const MAX_BATCH_BYTES: usize = 2 << 20;
 /// Approximate payload bytes of a command (message bodies dominate).
 fn weight(cmd: &Command) -> usize {
     match &cmd.op {
-        crate::command::Op::Send { bodies, .. } => bodies.iter().map(Vec::len).sum::<usize>() + 64,
+        crate::command::Op::Send { bodies, .. } => {
+            bodies.iter().map(|b| b.len()).sum::<usize>() + 64
+        }
         crate::command::Op::Transfers { items, .. } => {
             items.iter().map(|i| i.body.len() + 64).sum::<usize>() + 64
         }

@@ -305,7 +305,7 @@ impl StateMachineStore {
                 let op = LogOp::Put {
                     cf: CF_SNAPSHOT,
                     key: group_key(self.group, KEY_SNAPSHOT),
-                    value: bincode::serialize(&stored).map_err(|e| sm_err(&e))?,
+                    value: bincode::serialize(&stored).map_err(|e| sm_err(&e))?.into(),
                 };
                 // Synced: logs up to this snapshot may be purged right after.
                 self.engine.write(vec![op], true).map_err(|e| sm_err(&e))?;
@@ -457,7 +457,7 @@ impl StateMachineStore {
         // deletion covers it, so the batch stays in key order.
         let mut rows = vec![RowOp::Put(
             applied_key(self.group),
-            bincode::serialize(applied).map_err(|e| sm_err(&e))?,
+            bincode::serialize(applied).map_err(|e| sm_err(&e))?.into(),
         )];
         state.drain_changes(&mut rows);
         *unwritten = (0, 0);
@@ -478,7 +478,8 @@ impl StateMachineStore {
 /// Bytes of message bodies `op` brings into the state.
 fn body_bytes(op: &Op) -> u64 {
     let total: usize = match op {
-        Op::Send { bodies, .. } | Op::Publish { bodies, .. } => bodies.iter().map(Vec::len).sum(),
+        Op::Send { bodies, .. } => bodies.iter().map(|b| b.len()).sum(),
+        Op::Publish { bodies, .. } => bodies.iter().map(Vec::len).sum(),
         Op::Transfers { items, .. } => items.iter().map(|i| i.body.len()).sum(),
         _ => 0,
     };
@@ -556,7 +557,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         ops.extend(rows.into_iter().map(|(key, value)| LogOp::Put {
             cf: CF_STATE,
             key,
-            value,
+            value: value.into(),
         }));
         self.write_ordered(ops).await?;
         {
@@ -623,7 +624,7 @@ mod tests {
     fn send(n: usize) -> Op {
         Op::Send {
             key: key(),
-            bodies: (0..n).map(|i| format!("body {i}").into_bytes()).collect(),
+            bodies: (0..n).map(|i| format!("body {i}").into()).collect(),
             delay_seconds: 0,
         }
     }
@@ -673,7 +674,7 @@ mod tests {
 
         let big = Op::Send {
             key: key(),
-            bodies: vec![vec![7; ROWS_EVERY_BODY_BYTES as usize / 2]; 2],
+            bodies: vec![vec![7; ROWS_EVERY_BODY_BYTES as usize / 2].into(); 2],
             delay_seconds: 0,
         };
         sm.apply_entries(vec![entry(4, vec![send(1)]), entry(5, vec![big])])

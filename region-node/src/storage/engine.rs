@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use bytes::Bytes;
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
@@ -45,7 +46,8 @@ pub enum LogOp {
     Put {
         cf: &'static str,
         key: Vec<u8>,
-        value: Vec<u8>,
+        /// Shared with the caller's copy (a state row's message body, say) until written.
+        value: Bytes,
     },
     Delete {
         cf: &'static str,
@@ -757,7 +759,7 @@ mod tests {
         LogOp::Put {
             cf,
             key: key.to_vec(),
-            value: value.to_vec(),
+            value: Bytes::copy_from_slice(value),
         }
     }
 

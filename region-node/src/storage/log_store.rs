@@ -136,7 +136,7 @@ impl LogStore {
         let op = LogOp::Put {
             cf: CF_META,
             key: group_key(self.group, key),
-            value,
+            value: value.into(),
         };
         self.engine.write(vec![op], sync).map_err(|e| write_err(&e))
     }
@@ -300,7 +300,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 ops.push(LogOp::Put {
                     cf: CF_LOG,
                     key: self.log_key(e.log_id.index),
-                    value,
+                    value: value.into(),
                 });
                 p.entries.insert(e.log_id.index, e);
             }
@@ -369,7 +369,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 LogOp::Put {
                     cf: CF_META,
                     key: group_key(self.group, KEY_PURGED),
-                    value,
+                    value: value.into(),
                 },
                 LogOp::DeleteRange {
                     cf: CF_LOG,

@@ -178,8 +178,10 @@ impl GroupState {
             let seq = self.next_seq;
             self.next_seq += 1;
             let msg_id = self.msg_id(seq);
+            // One copy of the body, shared by every subscribed queue of this group.
+            let shared = bytes::Bytes::from(body.clone());
             for q in &queues {
-                self.route_to_queue(q, body.clone(), now);
+                self.route_to_queue(q, shared.clone(), now);
             }
             let t = self.topic_mut(key).expect("checked above");
             for name in &matched {

@@ -62,7 +62,7 @@ fn key_range(cf: &'static str, from: &[u8], to: &[u8]) -> (Bound<Key>, Bound<Key
 fn apply(table: &mut Table, op: &LogOp) {
     match op {
         LogOp::Put { cf, key, value } => {
-            table.insert((cf, key.clone()), value.clone());
+            table.insert((cf, key.clone()), value.to_vec());
         }
         LogOp::Delete { cf, key } => {
             table.remove(&(*cf, key.clone()));

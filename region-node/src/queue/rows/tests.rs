@@ -24,7 +24,7 @@ fn write(table: &mut BTreeMap<Vec<u8>, Vec<u8>>, ops: Vec<RowOp>) {
     for op in ops {
         match op {
             RowOp::Put(k, v) => {
-                table.insert(k, v);
+                table.insert(k, v.to_vec());
             }
             RowOp::Delete(k) => {
                 table.remove(&k);
@@ -142,7 +142,7 @@ proptest! {
                 Step::Rewind(q) => Some(Op::RewindQueue { key: key(QUEUES[q]), start_ms: now - 30_000 }),
                 Step::Send(q, n, d) => Some(Op::Send {
                     key: key(QUEUES[q]),
-                    bodies: (0..n).map(|i| vec![i; usize::from(i) + 1]).collect(),
+                    bodies: (0..n).map(|i| vec![i; usize::from(i) + 1].into()).collect(),
                     delay_seconds: u32::from(d) * 3,
                 }),
                 Step::Receive(q, n) => {
@@ -253,7 +253,7 @@ fn a_malformed_row_is_an_error_not_a_panic() {
         now_ms: T0,
         op: Op::Send {
             key: key("a"),
-            bodies: vec![b"x".to_vec()],
+            bodies: vec![b"x".to_vec().into()],
             delay_seconds: 0,
         },
     });
@@ -317,7 +317,7 @@ fn send_and_consume(s: &mut GroupState, sent: usize, consumed: u32) {
             s,
             Op::Send {
                 key: key("a"),
-                bodies: vec![b"x".to_vec(); sent],
+                bodies: vec![b"x".to_vec().into(); sent],
                 delay_seconds: 0,
             },
         );
