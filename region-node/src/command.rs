@@ -236,3 +236,30 @@ pub mod byte_vecs {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    /// Logs and snapshots written while bodies were `Vec<u8>` (encoded with `serde_bytes`) must
+    /// still decode now that they are `Bytes`: both are one byte string per body.
+    #[test]
+    fn shared_bodies_encode_as_the_byte_strings_they_replaced() {
+        let bodies = [b"first".to_vec(), vec![7u8; 300], Vec::new()];
+        let old: Vec<serde_bytes::ByteBuf> = bodies
+            .iter()
+            .cloned()
+            .map(serde_bytes::ByteBuf::from)
+            .collect();
+        let new: Vec<Bytes> = bodies.iter().cloned().map(Bytes::from).collect();
+        let old = bincode::serialize(&old).unwrap();
+        assert_eq!(old, bincode::serialize(&new).unwrap());
+        let back: Vec<Bytes> = bincode::deserialize(&old).unwrap();
+        assert_eq!(back, new);
+        // One body, as a model message holds it.
+        assert_eq!(
+            bincode::serialize(serde_bytes::Bytes::new(&bodies[1])).unwrap(),
+            bincode::serialize(&new[1]).unwrap()
+        );
+    }
+}

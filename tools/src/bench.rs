@@ -295,7 +295,7 @@ impl NodeEndpoints {
     /// The CMQ HTTP endpoint of the node leading `queue`'s group, if it can be told.
     async fn http_of_leader(&self, queue: &str) -> Option<String> {
         let found = async {
-            let leader = leader_endpoint(self.grpc.first()?, queue).await.ok()?;
+            let leader = queue_leader(self.grpc.first()?, queue).await.ok()??;
             let i = self.grpc.iter().position(|g| *g == leader)?;
             self.http.get(i).cloned()
         }
@@ -579,8 +579,9 @@ impl Conn {
 }
 
 impl Target {
-    /// A connection for traffic on `queue`: over gRPC to its group's leader (no forwarding
-    /// hop, as peerbench talks to stream/queue leaders); over HTTP to the given node.
+    /// A connection for traffic on `queue`: to its group's leader (no forwarding hop, as
+    /// peerbench talks to stream/queue leaders), except over HTTP to a region whose nodes'
+    /// HTTP endpoints are not known: then to the given node.
     async fn conn_for(&self, queue: &str) -> anyhow::Result<Conn> {
         match self {
             Target::Grpc { seed, stream } => {
@@ -605,8 +606,17 @@ impl Target {
         }
     }
 
-    /// Whether traffic goes to each queue's group leader: always over gRPC, over HTTP when
-    /// the nodes are known; `None` when it goes to the given endpoint, leader or not.
+    /// Starts counting connections that missed their leader afresh (once per workload).
+    fn reset_misses(&self) {
+        if let Target::Http { nodes: Some(n), .. } = self {
+            n.missed.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether traffic goes to each queue's group leader (as looked up when connecting):
+    /// always over gRPC, over HTTP when the nodes are known and every lookup found a leader
+    /// (`false`: some connections went to the given endpoint instead); `None` when it all goes
+    /// to the given endpoint, leader or not.
     fn to_leader(&self) -> Option<bool> {
         match self {
             Target::Grpc { .. } => Some(true),
@@ -788,8 +798,15 @@ async fn topic_publisher_conns(
     Ok(out)
 }
 
-/// The gRPC endpoint of the node leading `queue`'s group.
+/// The gRPC endpoint of the node leading `queue`'s group (the seed when unknown).
 async fn leader_endpoint(seed: &str, queue: &str) -> anyhow::Result<String> {
+    Ok(queue_leader(seed, queue)
+        .await?
+        .unwrap_or_else(|| seed.to_string()))
+}
+
+/// The gRPC endpoint of the node leading `queue`'s group, if its group has a leader now.
+async fn queue_leader(seed: &str, queue: &str) -> anyhow::Result<Option<String>> {
     let ch = connect(seed).await?;
     let group = QueueServiceClient::new(ch.clone())
         .get_queue_attributes(QueueNameRequest {
@@ -799,11 +816,18 @@ async fn leader_endpoint(seed: &str, queue: &str) -> anyhow::Result<String> {
         .map_err(|s| anyhow::anyhow!("{}", CmqError::from_status(&s)))?
         .into_inner()
         .group;
-    leader_of_group(ch, seed, group).await
+    known_leader(ch, group).await
 }
 
 /// The gRPC endpoint of `group`'s leader (the seed when unknown).
 async fn leader_of_group(ch: Channel, seed: &str, group: u32) -> anyhow::Result<String> {
+    Ok(known_leader(ch, group)
+        .await?
+        .unwrap_or_else(|| seed.to_string()))
+}
+
+/// The gRPC endpoint of `group`'s leader, if it has one now.
+async fn known_leader(ch: Channel, group: u32) -> anyhow::Result<Option<String>> {
     let status = ClusterServiceClient::new(ch)
         .cluster_status(Empty {})
         .await?
@@ -818,8 +842,7 @@ async fn leader_of_group(ch: Channel, seed: &str, group: u32) -> anyhow::Result<
         .members
         .iter()
         .find(|m| m.node_id == leader)
-        .map(|m| format!("http://{}", m.addr))
-        .unwrap_or_else(|| seed.to_string()))
+        .map(|m| format!("http://{}", m.addr)))
 }
 
 fn spawn_publishers(
@@ -1333,8 +1356,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let run_id = rand::random::<u32>() % 1_000_000;
     let mut result = Ok(());
     for w in &args.workload {
+        target.reset_misses();
         match run_workload(&args, &w.to_uppercase(), &target, run_id, &region_pids).await {
-            Ok(o) => report(&o, &args, fsync, target.to_leader()),
+            Ok(o) => {
+                // T1 publishes over HTTP go to the given endpoint (topics are not looked up).
+                let http_t1 = matches!(target, Target::Http { .. }) && o.workload == "T1";
+                let to_leader = if http_t1 { None } else { target.to_leader() };
+                report(&o, &args, fsync, to_leader)
+            }
             Err(e) => {
                 result = Err(e);
                 break;

@@ -140,7 +140,8 @@ impl GroupState {
             .ok_or_else(|| CmqError::queue_not_found(&key.name))
     }
 
-    /// [`apply`](Self::apply), but a send's bodies move into the state instead of being copied.
+    /// [`apply`](Self::apply), but a send's bodies move into the state (no reference-count
+    /// traffic for each body).
     pub fn apply_owned(&mut self, cmd: Command) -> OpResult {
         match cmd.op {
             Op::Send {

@@ -205,13 +205,17 @@ impl GroupState {
 
     fn drain_unordered(&mut self, out: &mut Vec<RowOp>) {
         let g = self.group;
-        // Sized once: a batch holds a header and a body row per message sent since the last.
+        // Sized once: up to a header and a body row per message changed since the last batch
+        // (sent, received or deleted), a row per changed queue or topic, three per removed
+        // queue, and the rest row.
         out.reserve(
-            2 + self
-                .queues
-                .values()
-                .map(|q| 1 + 2 * q.changes.headers.len())
-                .sum::<usize>(),
+            1 + 3 * self.changes.removed_queues.len()
+                + self.changes.topics.len()
+                + self
+                    .queues
+                    .values()
+                    .map(|q| usize::from(q.changes.meta) + 2 * q.changes.headers.len())
+                    .sum::<usize>(),
         );
         let mut removed = std::mem::take(&mut self.changes.removed_queues);
         removed.sort_unstable();
