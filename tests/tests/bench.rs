@@ -60,6 +60,8 @@ fn check(v: &serde_json::Value, workload: &str) {
     assert!(0.0 < p50 && p50 <= p99, "{v}");
     // The disk's fsync rate is measured beside every result, and the local region's costs.
     assert!(v["disk_fsync_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["disk_append_fsync_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["disk_append_fsync_p50_ms"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["region_cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{v}");
 }
 

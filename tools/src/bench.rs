@@ -213,12 +213,31 @@ impl Stats {
     }
 }
 
-/// Measures 4 KiB write + fdatasync for 2 s in `dir`: (fsyncs per second, p50 ms).
-pub fn fsync_rate(dir: &Path) -> anyhow::Result<(f64, f64)> {
+/// What one disk probe measured.
+#[derive(Debug, Clone, Copy)]
+pub struct FsyncProbe {
+    pub per_s: f64,
+    pub p50_ms: f64,
+}
+
+/// How a probe writes its 4 KiB blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeWrite {
+    /// Over the same block, with fdatasync: no file size or block allocation to journal, the
+    /// best case a disk offers.
+    Overwrite,
+    /// Appended to a growing file, with fsync: what a log that does not recycle its files
+    /// (a RocksDB WAL here) pays, and what `../shared/peerbench` measures beside the peers.
+    Append,
+}
+
+/// Measures 4 KiB writes, each made durable before the next, for 2 s in `dir`.
+pub fn fsync_rate(dir: &Path, how: ProbeWrite) -> anyhow::Result<FsyncProbe> {
+    use std::io::Write as _;
     use std::os::unix::fs::FileExt;
     std::fs::create_dir_all(dir)?;
     let path = dir.join("fsync-probe");
-    let f = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .read(true)
@@ -230,15 +249,33 @@ pub fn fsync_rate(dir: &Path) -> anyhow::Result<(f64, f64)> {
     let mut n = 0u64;
     while start.elapsed() < Duration::from_secs(2) {
         let t = std::time::Instant::now();
-        f.write_at(&block, 0)?;
-        f.sync_data()?;
+        match how {
+            ProbeWrite::Overwrite => {
+                f.write_at(&block, 0)?;
+                f.sync_data()?;
+            }
+            ProbeWrite::Append => {
+                f.write_all(&block)?;
+                f.sync_all()?;
+            }
+        }
         h.record(t.elapsed().as_micros().max(1) as u64)?;
         n += 1;
     }
     let secs = start.elapsed().as_secs_f64();
     drop(f);
     let _ = std::fs::remove_file(path);
-    Ok((n as f64 / secs, h.value_at_quantile(0.5) as f64 / 1000.0))
+    Ok(FsyncProbe {
+        per_s: n as f64 / secs,
+        p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+    })
+}
+
+/// The data directory's disk, both ways.
+#[derive(Debug, Clone, Copy)]
+struct Disk {
+    overwrite: FsyncProbe,
+    append: FsyncProbe,
 }
 
 /// A body of `size` bytes (≥ 16) whose first 16 carry the send time as hex, so W2 can measure
@@ -1187,7 +1224,7 @@ fn cost(o: &Outcome) -> Option<(Option<RegionCost>, Option<f64>)> {
     Some((region, client_cpu_us))
 }
 
-fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64), to_leader: Option<bool>) {
+fn report(o: &Outcome, args: &BenchArgs, disk: Disk, to_leader: Option<bool>) {
     let rate = o.completed as f64 / o.window_s;
     let mib = o.bytes as f64 / o.window_s / (1024.0 * 1024.0);
     let errors: u64 = o.errors.values().sum();
@@ -1208,8 +1245,10 @@ fn report(o: &Outcome, args: &BenchArgs, fsync: (f64, f64), to_leader: Option<bo
             "errors_by_code": o.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
             "window_s": o.window_s,
             "body_bytes": args.body_bytes,
-            "disk_fsync_per_s": fsync.0.round(),
-            "disk_fsync_p50_ms": fsync.1,
+            "disk_fsync_per_s": disk.overwrite.per_s.round(),
+            "disk_fsync_p50_ms": disk.overwrite.p50_ms,
+            "disk_append_fsync_per_s": disk.append.per_s.round(),
+            "disk_append_fsync_p50_ms": disk.append.p50_ms,
             "to_leader": to_leader,
         });
         if let Some((region, client)) = cost(o) {
@@ -1280,12 +1319,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .tempdir()?
             .keep(),
     };
-    let fsync = fsync_rate(&dir)?;
+    let disk = Disk {
+        overwrite: fsync_rate(&dir, ProbeWrite::Overwrite)?,
+        append: fsync_rate(&dir, ProbeWrite::Append)?,
+    };
     if !args.json {
         println!(
-            "disk: {:.0} fsync/s (4 KiB write + fdatasync, p50 {:.3} ms) in {}",
-            fsync.0,
-            fsync.1,
+            "disk: {:.0} fsync/s (4 KiB overwrite + fdatasync, p50 {:.3} ms), {:.0} fsync/s \
+             (4 KiB append + fsync as peerbench, p50 {:.3} ms) in {}",
+            disk.overwrite.per_s,
+            disk.overwrite.p50_ms,
+            disk.append.per_s,
+            disk.append.p50_ms,
             dir.display()
         );
     }
@@ -1362,7 +1407,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 // T1 publishes over HTTP go to the given endpoint (topics are not looked up).
                 let http_t1 = matches!(target, Target::Http { .. }) && o.workload == "T1";
                 let to_leader = if http_t1 { None } else { target.to_leader() };
-                report(&o, &args, fsync, to_leader)
+                report(&o, &args, disk, to_leader)
             }
             Err(e) => {
                 result = Err(e);
