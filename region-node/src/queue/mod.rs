@@ -6,7 +6,7 @@ mod rows;
 
 pub use group::{Credential, GroupState, OutboxEntry};
 pub use model::{Message, Queue, QueueChanges, QueueCounters};
-pub use rows::{group_rows, RowError, RowOp, TAG_APPLIED};
+pub use rows::{group_rows, RowError, RowOp, Table, TAG_APPLIED};
 
 #[cfg(test)]
 mod tests;

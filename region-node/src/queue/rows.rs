@@ -6,13 +6,21 @@
 //! changed is written: every message has a small header row (visibility, receive count, …)
 //! rewritten on receive and delete, and a body row written once.
 //!
-//! Keys, after the 4-byte group prefix (`storage::group_key`):
+//! The rows are in two tables ([`Table`], a column family each). [`Table::Group`] holds the
+//! small rows that most batches rewrite, keyed after the 4-byte group prefix
+//! (`storage::group_key`) by a tag:
 //! - `a`: the applied log id and membership (owned by the state machine, not by this module);
-//! - `b` queue seq: a message body;
-//! - `h` queue seq: a message header;
 //! - `q` queue: a queue's name, id, attributes and times;
 //! - `s`: the group's counters, outbox, credentials and name reservations;
 //! - `t` topic: a topic with its subscriptions and outstanding deliveries.
+//!
+//! [`Table::Messages`] holds the messages: group, queue, sequence number, then `b` (body) or
+//! `h` (header). Apart from the group's rows, and ordered by queue before sequence number, the
+//! rows one flush writes cover only the newest sequence numbers of the queues written to, so
+//! RocksDB moves such table files down its levels instead of merging them with every older
+//! file: with the group's rows among them (and tags first), every table file spanned every
+//! queue, and each compaction rewrote every row below it, the dead rows of a deleted queue
+//! among them.
 //!
 //! A queue or topic key is `tenant` and `name`, each with a big-endian u16 length, so that
 //! no queue's prefix is a prefix of another's.
@@ -38,14 +46,23 @@ const TAG_QUEUE: u8 = b'q';
 const TAG_REST: u8 = b's';
 const TAG_TOPIC: u8 = b't';
 
+/// Which of the two tables of the state a row is in (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Table {
+    /// The applied row, queues, topics and the group's other state: small, rewritten often.
+    Group,
+    /// Message headers and bodies, by queue and sequence number.
+    Messages,
+}
+
 /// One change to the rows (keys include the group prefix).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RowOp {
     /// The value is shared with the state it was written from (message bodies).
-    Put(Vec<u8>, Bytes),
-    Delete(Vec<u8>),
-    /// Every key in `[from, to)`.
-    DeleteRange(Vec<u8>, Vec<u8>),
+    Put(Table, Vec<u8>, Bytes),
+    Delete(Table, Vec<u8>),
+    /// Every key of the table in `[from, to)`.
+    DeleteRange(Table, Vec<u8>, Vec<u8>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,13 +78,22 @@ fn malformed(key: &[u8], why: impl std::fmt::Display) -> RowError {
     }
 }
 
-fn row_op_key(op: &RowOp) -> &[u8] {
-    match op {
-        RowOp::Put(k, _) | RowOp::Delete(k) | RowOp::DeleteRange(k, _) => k,
+impl RowOp {
+    pub fn table(&self) -> Table {
+        match self {
+            RowOp::Put(t, ..) | RowOp::Delete(t, _) | RowOp::DeleteRange(t, ..) => *t,
+        }
+    }
+
+    /// The key, or where the range starts.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            RowOp::Put(_, k, _) | RowOp::Delete(_, k) | RowOp::DeleteRange(_, k, _) => k,
+        }
     }
 }
 
-/// `[from, to)` covering every row of `group`.
+/// `[from, to)` covering every row of `group`, in either table.
 pub fn group_rows(group: u32) -> (Vec<u8>, Vec<u8>) {
     (
         crate::storage::group_key(group, &[]),
@@ -75,38 +101,53 @@ pub fn group_rows(group: u32) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
-fn row_key(group: u32, tag: u8, key: Option<&QueueKey>, seq: Option<u64>) -> Vec<u8> {
-    // `storage::group_key(group, &[tag])` and the rest, sized once: two of these are made for
-    // every message a write of rows carries.
-    let len =
-        5 + key.map_or(0, |k| 4 + k.tenant.len() + k.name.len()) + 8 * usize::from(seq.is_some());
-    let mut k = Vec::with_capacity(len);
+/// The key of a [`Table::Group`] row.
+fn row_key(group: u32, tag: u8, key: Option<&QueueKey>) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + key.map_or(0, queue_key_len));
     k.extend_from_slice(&group.to_be_bytes());
     k.push(tag);
     if let Some(key) = key {
-        for part in [&key.tenant, &key.name] {
-            // Tenants and names are validated far below 64 KiB.
-            k.extend_from_slice(&(part.len() as u16).to_be_bytes());
-            k.extend_from_slice(part.as_bytes());
-        }
-    }
-    if let Some(seq) = seq {
-        k.extend_from_slice(&seq.to_be_bytes());
+        push_queue_key(&mut k, key);
     }
     k
 }
 
-/// `[from, to)` of the rows with `tag` of one queue.
-fn queue_range(group: u32, tag: u8, key: &QueueKey) -> (Vec<u8>, Vec<u8>) {
-    let from = row_key(group, tag, Some(key), None);
+fn queue_key_len(key: &QueueKey) -> usize {
+    4 + key.tenant.len() + key.name.len()
+}
+
+fn push_queue_key(k: &mut Vec<u8>, key: &QueueKey) {
+    for part in [&key.tenant, &key.name] {
+        // Tenants and names are validated far below 64 KiB.
+        k.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        k.extend_from_slice(part.as_bytes());
+    }
+}
+
+/// The key of a [`Table::Messages`] row: a message's body or header. Sized once: two of these
+/// are made for every message a write of rows carries.
+fn message_key(group: u32, key: &QueueKey, seq: u64, tag: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + queue_key_len(key) + 9);
+    k.extend_from_slice(&group.to_be_bytes());
+    push_queue_key(&mut k, key);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.push(tag);
+    k
+}
+
+/// `[from, to)` of the message rows of one queue.
+fn queue_messages(group: u32, key: &QueueKey) -> (Vec<u8>, Vec<u8>) {
+    let mut from = Vec::with_capacity(4 + queue_key_len(key) + 9);
+    from.extend_from_slice(&group.to_be_bytes());
+    push_queue_key(&mut from, key);
     let mut to = from.clone();
-    // Every row of the queue continues `from` with an 8-byte sequence number.
+    // Every row of the queue continues `from` with a sequence number and a tag.
     to.extend_from_slice(&[0xff; 9]);
     (from, to)
 }
 
-/// Splits the part after the tag into a queue key and an optional trailing sequence number.
-fn parse_queue_key(full: &[u8], rest: &[u8], with_seq: bool) -> Result<(QueueKey, u64), RowError> {
+/// Splits `rest` (a part of key `full`) into a queue key and what follows it.
+fn parse_queue_key<'a>(full: &[u8], rest: &'a [u8]) -> Result<(QueueKey, &'a [u8]), RowError> {
     let mut at = 0;
     let mut parts = [String::new(), String::new()];
     for part in &mut parts {
@@ -121,20 +162,26 @@ fn parse_queue_key(full: &[u8], rest: &[u8], with_seq: bool) -> Result<(QueueKey
         *part = String::from_utf8(bytes.to_vec()).map_err(|e| malformed(full, e))?;
         at += len;
     }
-    let seq = if with_seq {
-        let b: [u8; 8] = rest
-            .get(at..)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| malformed(full, "bad sequence number"))?;
-        u64::from_be_bytes(b)
-    } else {
-        if at != rest.len() {
-            return Err(malformed(full, "trailing bytes"));
-        }
-        0
-    };
     let [tenant, name] = parts;
-    Ok((QueueKey { tenant, name }, seq))
+    Ok((QueueKey { tenant, name }, &rest[at..]))
+}
+
+/// A queue key and nothing after it.
+fn parse_whole_queue_key(full: &[u8], rest: &[u8]) -> Result<QueueKey, RowError> {
+    match parse_queue_key(full, rest)? {
+        (key, []) => Ok(key),
+        _ => Err(malformed(full, "trailing bytes")),
+    }
+}
+
+/// A message row's queue, sequence number and tag (`rest` follows the group prefix).
+fn parse_message_key(full: &[u8], rest: &[u8]) -> Result<(QueueKey, u64, u8), RowError> {
+    let (key, after) = parse_queue_key(full, rest)?;
+    let [s0, s1, s2, s3, s4, s5, s6, s7, tag] = after else {
+        return Err(malformed(full, "bad sequence number"));
+    };
+    let seq = u64::from_be_bytes([*s0, *s1, *s2, *s3, *s4, *s5, *s6, *s7]);
+    Ok((key, seq, *tag))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -183,18 +230,17 @@ fn decode<'de, T: Deserialize<'de>>(key: &[u8], v: &'de [u8]) -> Result<T, RowEr
 
 impl GroupState {
     /// Appends the row changes since the last call to `out`, and forgets them: range
-    /// deletions first, then every other change in ascending key order (each key at most once,
-    /// so the order changes nothing but speed: RocksDB's memtable inserts ascending keys of one
-    /// batch without searching its skip list from the top for each; interleaved header and
-    /// body rows made that search a fifth of a node's CPU in the many-queues benchmark).
+    /// deletions first (a queue deleted and created again in one batch has its old rows
+    /// deleted before its new ones are written), then every other change by table and in
+    /// ascending key order, each key at most once.
     pub fn drain_changes(&mut self, out: &mut Vec<RowOp>) {
         let start = out.len();
         self.drain_unordered(out);
         // Sorted in place, without the scratch buffer a stable sort allocates: no key occurs
         // twice, so stability changes nothing. Range deletions (of distinct queues, so in any
         // order among themselves) go first.
-        fn rank(op: &RowOp) -> (bool, &[u8]) {
-            (!matches!(op, RowOp::DeleteRange(..)), row_op_key(op))
+        fn rank(op: &RowOp) -> (bool, Table, &[u8]) {
+            (!matches!(op, RowOp::DeleteRange(..)), op.table(), op.key())
         }
         out[start..].sort_unstable_by(|a, b| rank(a).cmp(&rank(b)));
         debug_assert!(
@@ -206,10 +252,10 @@ impl GroupState {
     fn drain_unordered(&mut self, out: &mut Vec<RowOp>) {
         let g = self.group;
         // Sized once: up to a header and a body row per message changed since the last batch
-        // (sent, received or deleted), a row per changed queue or topic, three per removed
+        // (sent, received or deleted), a row per changed queue or topic, two per removed
         // queue, and the rest row.
         out.reserve(
-            1 + 3 * self.changes.removed_queues.len()
+            1 + 2 * self.changes.removed_queues.len()
                 + self.changes.topics.len()
                 + self
                     .queues
@@ -221,14 +267,15 @@ impl GroupState {
         removed.sort_unstable();
         removed.dedup();
         for key in removed {
-            for tag in [TAG_BODY, TAG_HEADER] {
-                let (from, to) = queue_range(g, tag, &key);
-                out.push(RowOp::DeleteRange(from, to));
-            }
+            let (from, to) = queue_messages(g, &key);
+            out.push(RowOp::DeleteRange(Table::Messages, from, to));
             // Created again since: its new queue row replaces the old one below (a delete
             // here too would be a second change of one key, in no defined order).
             if !self.queues.contains_key(&key) {
-                out.push(RowOp::Delete(row_key(g, TAG_QUEUE, Some(&key), None)));
+                out.push(RowOp::Delete(
+                    Table::Group,
+                    row_key(g, TAG_QUEUE, Some(&key)),
+                ));
             }
         }
         for (key, q) in &mut self.queues {
@@ -242,12 +289,13 @@ impl GroupState {
                     modified_ms: q.modified_ms,
                 };
                 out.push(RowOp::Put(
-                    row_key(g, TAG_QUEUE, Some(key), None),
+                    Table::Group,
+                    row_key(g, TAG_QUEUE, Some(key)),
                     encode(&meta).into(),
                 ));
             }
             for seq in changes.headers {
-                let header_key = row_key(g, TAG_HEADER, Some(key), Some(seq));
+                let header_key = message_key(g, key, seq, TAG_HEADER);
                 match q.messages.get(&seq) {
                     Some(m) => {
                         let h = Header {
@@ -257,26 +305,30 @@ impl GroupState {
                             first_dequeue_ms: m.first_dequeue_ms,
                             deleted_ms: m.deleted_ms,
                         };
-                        out.push(RowOp::Put(header_key, encode(&h).into()));
+                        out.push(RowOp::Put(Table::Messages, header_key, encode(&h).into()));
                         if changes.bodies.contains(&seq) {
                             out.push(RowOp::Put(
-                                row_key(g, TAG_BODY, Some(key), Some(seq)),
+                                Table::Messages,
+                                message_key(g, key, seq, TAG_BODY),
                                 m.body.clone(),
                             ));
                         }
                     }
                     None => {
-                        out.push(RowOp::Delete(header_key));
-                        out.push(RowOp::Delete(row_key(g, TAG_BODY, Some(key), Some(seq))));
+                        out.push(RowOp::Delete(Table::Messages, header_key));
+                        out.push(RowOp::Delete(
+                            Table::Messages,
+                            message_key(g, key, seq, TAG_BODY),
+                        ));
                     }
                 }
             }
         }
         for key in std::mem::take(&mut self.changes.topics) {
-            let row = row_key(g, TAG_TOPIC, Some(&key), None);
+            let row = row_key(g, TAG_TOPIC, Some(&key));
             match self.topics.get(&key) {
-                Some(t) => out.push(RowOp::Put(row, encode(t).into())),
-                None => out.push(RowOp::Delete(row)),
+                Some(t) => out.push(RowOp::Put(Table::Group, row, encode(t).into())),
+                None => out.push(RowOp::Delete(Table::Group, row)),
             }
         }
         let rest = Rest {
@@ -295,7 +347,8 @@ impl GroupState {
             next_subscription_num: self.next_subscription_num,
         };
         out.push(RowOp::Put(
-            row_key(g, TAG_REST, None, None),
+            Table::Group,
+            row_key(g, TAG_REST, None),
             encode(&rest).into(),
         ));
     }
@@ -320,35 +373,40 @@ impl GroupState {
         out
     }
 
-    /// Rebuilds the state of `group` from its rows (ascending, as a scan returns them; rows of
-    /// other groups and the applied row are ignored). No rows: a new, empty group.
+    /// Rebuilds the state of `group` from its rows (each table's ascending, as a scan returns
+    /// them; rows of other groups and the applied row are ignored). No rows: a new, empty
+    /// group.
     pub fn from_rows<'a, I>(group: u32, data_groups: u32, rows: I) -> Result<Self, RowError>
     where
-        I: IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        I: IntoIterator<Item = (Table, &'a [u8], &'a [u8])>,
     {
         let mut state = GroupState::new(group, data_groups);
         let prefix = group.to_be_bytes();
         let mut bodies: BTreeMap<(QueueKey, u64), Vec<u8>> = BTreeMap::new();
         let mut headers: BTreeMap<QueueKey, Vec<(u64, Header)>> = BTreeMap::new();
-        for (k, v) in rows {
+        for (table, k, v) in rows {
             let Some(rest) = k.strip_prefix(&prefix) else {
                 continue;
             };
+            if table == Table::Messages {
+                match parse_message_key(k, rest)? {
+                    (key, seq, TAG_BODY) => {
+                        bodies.insert((key, seq), v.to_vec());
+                    }
+                    (key, seq, TAG_HEADER) => {
+                        headers.entry(key).or_default().push((seq, decode(k, v)?));
+                    }
+                    (_, _, tag) => return Err(malformed(k, format!("unknown tag {tag:#x}"))),
+                }
+                continue;
+            }
             let Some((&tag, after)) = rest.split_first() else {
                 return Err(malformed(k, "no tag"));
             };
             match tag {
                 TAG_APPLIED => {}
-                TAG_BODY => {
-                    let (key, seq) = parse_queue_key(k, after, true)?;
-                    bodies.insert((key, seq), v.to_vec());
-                }
-                TAG_HEADER => {
-                    let (key, seq) = parse_queue_key(k, after, true)?;
-                    headers.entry(key).or_default().push((seq, decode(k, v)?));
-                }
                 TAG_QUEUE => {
-                    let (key, _) = parse_queue_key(k, after, false)?;
+                    let key = parse_whole_queue_key(k, after)?;
                     let m: QueueMeta = decode(k, v)?;
                     let mut q = Queue::new(
                         m.queue_id.into_owned(),
@@ -383,7 +441,7 @@ impl GroupState {
                     state.next_subscription_num = r.next_subscription_num;
                 }
                 TAG_TOPIC => {
-                    let (key, _) = parse_queue_key(k, after, false)?;
+                    let key = parse_whole_queue_key(k, after)?;
                     let t: Topic = decode(k, v)?;
                     state.topics.insert(key, t);
                 }

@@ -19,9 +19,10 @@ use tokio::sync::Notify;
 
 use super::{Entry, LogId, Membership, Snapshot, SnapshotMeta, TypeConfig};
 use crate::command::{Op, OpResult, QueueKey};
-use crate::queue::{group_rows, GroupState, RowOp, TAG_APPLIED};
+use crate::queue::{group_rows, GroupState, RowOp, Table, TAG_APPLIED};
 use crate::storage::{
-    group_key, run_blocking, Durability, LogJob, LogOp, StorageEngine, CF_SNAPSHOT, CF_STATE,
+    group_key, run_blocking, Durability, LogJob, LogOp, StorageEngine, CF_SNAPSHOT,
+    CF_STATE_GROUPS, CF_STATE_MESSAGES,
 };
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
@@ -164,7 +165,39 @@ impl std::fmt::Debug for SnapshotData {
 /// What goes over the wire to a follower: the group's rows as the checkpoint holds them.
 #[derive(Serialize, Deserialize)]
 struct SnapshotRows {
-    rows: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+    rows: Vec<(Table, serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+}
+
+/// A state row: its table, key and value.
+type Row = (Table, Vec<u8>, Vec<u8>);
+
+/// The column family that holds `table`.
+fn cf_of(table: Table) -> &'static str {
+    match table {
+        Table::Group => CF_STATE_GROUPS,
+        Table::Messages => CF_STATE_MESSAGES,
+    }
+}
+
+const TABLES: [Table; 2] = [Table::Group, Table::Messages];
+
+/// Every row of `group`, from the live database or (with `checkpoint`) from that checkpoint.
+fn scan_group(
+    engine: &dyn StorageEngine,
+    group: u32,
+    checkpoint: Option<&str>,
+) -> std::io::Result<Vec<Row>> {
+    let (from, to) = group_rows(group);
+    let mut rows = Vec::new();
+    for table in TABLES {
+        let cf = cf_of(table);
+        let kvs = match checkpoint {
+            Some(name) => engine.scan_checkpoint(name, cf, &from, &to)?,
+            None => engine.scan(cf, &from, &to)?,
+        };
+        rows.extend(kvs.into_iter().map(|(k, v)| (table, k, v)));
+    }
+    Ok(rows)
 }
 
 #[derive(Clone)]
@@ -189,14 +222,17 @@ fn applied_key(group: u32) -> Vec<u8> {
 
 fn to_log_op(op: RowOp) -> LogOp {
     match op {
-        RowOp::Put(key, value) => LogOp::Put {
-            cf: CF_STATE,
+        RowOp::Put(table, key, value) => LogOp::Put {
+            cf: cf_of(table),
             key,
             value,
         },
-        RowOp::Delete(key) => LogOp::Delete { cf: CF_STATE, key },
-        RowOp::DeleteRange(from, to) => LogOp::DeleteRange {
-            cf: CF_STATE,
+        RowOp::Delete(table, key) => LogOp::Delete {
+            cf: cf_of(table),
+            key,
+        },
+        RowOp::DeleteRange(table, from, to) => LogOp::DeleteRange {
+            cf: cf_of(table),
             from,
             to,
         },
@@ -204,22 +240,23 @@ fn to_log_op(op: RowOp) -> LogOp {
 }
 
 /// The applied position that `rows` (one group's) hold.
-fn applied_of_rows(group: u32, rows: &[(Vec<u8>, Vec<u8>)]) -> StResult<Applied> {
+fn applied_of_rows(group: u32, rows: &[Row]) -> StResult<Applied> {
     let applied_key = applied_key(group);
-    match rows.iter().find(|(k, _)| *k == applied_key) {
-        Some((_, v)) => bincode::deserialize(v).map_err(|e| sm_err(&e)),
+    match rows
+        .iter()
+        .find(|(t, k, _)| *t == Table::Group && *k == applied_key)
+    {
+        Some((_, _, v)) => bincode::deserialize(v).map_err(|e| sm_err(&e)),
         None => Ok((None, Membership::default())),
     }
 }
 
-/// The state and applied position that `rows` (one group's, ascending) hold.
-fn state_of_rows(
-    group: u32,
-    data_groups: u32,
-    rows: &[(Vec<u8>, Vec<u8>)],
-) -> StResult<(GroupState, Applied)> {
+/// The state and applied position that `rows` (one group's, each table's ascending) hold.
+fn state_of_rows(group: u32, data_groups: u32, rows: &[Row]) -> StResult<(GroupState, Applied)> {
     let applied = applied_of_rows(group, rows)?;
-    let borrowed = rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
+    let borrowed = rows
+        .iter()
+        .map(|(t, k, v)| (*t, k.as_slice(), v.as_slice()));
     let state = GroupState::from_rows(group, data_groups, borrowed).map_err(|e| sm_err(&e))?;
     Ok((state, applied))
 }
@@ -230,8 +267,7 @@ impl StateMachineStore {
     /// Opens the group's state machine from its rows, and drops checkpoints of it that no
     /// snapshot record names (left by a crash between making one and recording it).
     pub fn open(group: u32, data_groups: u32, engine: Arc<dyn StorageEngine>) -> StResult<Self> {
-        let (from, to) = group_rows(group);
-        let rows = engine.scan(CF_STATE, &from, &to).map_err(|e| sm_err(&e))?;
+        let rows = scan_group(&*engine, group, None).map_err(|e| sm_err(&e))?;
         let (state, applied) = state_of_rows(group, data_groups, &rows)?;
         let store = Self {
             group,
@@ -285,10 +321,13 @@ impl StateMachineStore {
         self.engine.checkpoint(&name).map_err(|e| sm_err(&e))?;
         let applied_key = applied_key(self.group);
         let just_after = [applied_key.as_slice(), &[0]].concat();
-        let rows = self
+        let rows: Vec<Row> = self
             .engine
-            .scan_checkpoint(&name, CF_STATE, &applied_key, &just_after)
-            .map_err(|e| snap_err(&e))?;
+            .scan_checkpoint(&name, CF_STATE_GROUPS, &applied_key, &just_after)
+            .map_err(|e| snap_err(&e))?
+            .into_iter()
+            .map(|(k, v)| (Table::Group, k, v))
+            .collect();
         let (last_applied, membership) = applied_of_rows(self.group, &rows)?;
         let meta = SnapshotMeta {
             last_log_id: last_applied,
@@ -333,11 +372,7 @@ impl StateMachineStore {
                 "checkpoint {name} was replaced by a newer snapshot"
             )));
         }
-        let (from, to) = group_rows(self.group);
-        let rows = self
-            .engine
-            .scan_checkpoint(name, CF_STATE, &from, &to)
-            .map_err(|e| snap_err(&e))?;
+        let rows = scan_group(&*self.engine, self.group, Some(name)).map_err(|e| snap_err(&e))?;
         encode_rows(rows)
     }
 
@@ -359,10 +394,16 @@ impl StateMachineStore {
     }
 }
 
-fn encode_rows(rows: Vec<(Vec<u8>, Vec<u8>)>) -> StResult<Vec<u8>> {
+fn encode_rows(rows: Vec<Row>) -> StResult<Vec<u8>> {
     let rows = rows
         .into_iter()
-        .map(|(k, v)| (serde_bytes::ByteBuf::from(k), serde_bytes::ByteBuf::from(v)))
+        .map(|(t, k, v)| {
+            (
+                t,
+                serde_bytes::ByteBuf::from(k),
+                serde_bytes::ByteBuf::from(v),
+            )
+        })
         .collect();
     bincode::serialize(&SnapshotRows { rows }).map_err(|e| sm_err(&e))
 }
@@ -453,9 +494,10 @@ impl StateMachineStore {
         applied: &Applied,
         unwritten: &mut (u64, u64),
     ) -> StResult<()> {
-        // The applied row sorts first of the group's rows (its tag is `a`) and no range
-        // deletion covers it, so the batch stays in key order.
+        // No range deletion covers the applied row (they are all of messages), so it may go
+        // first.
         let mut rows = vec![RowOp::Put(
+            Table::Group,
             applied_key(self.group),
             bincode::serialize(applied).map_err(|e| sm_err(&e))?.into(),
         )];
@@ -529,12 +571,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let SnapshotRows { rows } = bincode::deserialize(&data).map_err(|e| sm_err(&e))?;
         let (from, to) = group_rows(self.group);
         let applied_key = applied_key(self.group);
-        let mut rows: Vec<(Vec<u8>, Vec<u8>)> = rows
+        let mut rows: Vec<Row> = rows
             .into_iter()
-            .map(|(k, v)| (k.into_vec(), v.into_vec()))
-            .filter(|(k, _)| *k != applied_key)
+            .map(|(t, k, v)| (t, k.into_vec(), v.into_vec()))
+            .filter(|(t, k, _)| !(*t == Table::Group && *k == applied_key))
             .collect();
-        if let Some((k, _)) = rows.iter().find(|(k, _)| *k < from || *k >= to) {
+        if let Some((_, k, _)) = rows.iter().find(|(_, k, _)| *k < from || *k >= to) {
             return Err(sm_err(&std::io::Error::other(format!(
                 "snapshot for group {} holds a row of another group: {}",
                 self.group,
@@ -543,19 +585,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let applied: Applied = (meta.last_log_id, meta.last_membership.clone());
         rows.push((
+            Table::Group,
             applied_key,
             bincode::serialize(&applied).map_err(|e| sm_err(&e))?,
         ));
         rows.sort();
         // Parsed before anything is replaced: a bad snapshot leaves the group as it was.
         let (state, _) = state_of_rows(self.group, self.data_groups, &rows)?;
-        let mut ops = vec![LogOp::DeleteRange {
-            cf: CF_STATE,
-            from,
-            to,
-        }];
-        ops.extend(rows.into_iter().map(|(key, value)| LogOp::Put {
-            cf: CF_STATE,
+        let mut ops: Vec<LogOp> = TABLES
+            .iter()
+            .map(|&t| LogOp::DeleteRange {
+                cf: cf_of(t),
+                from: from.clone(),
+                to: to.clone(),
+            })
+            .collect();
+        ops.extend(rows.into_iter().map(|(table, key, value)| LogOp::Put {
+            cf: cf_of(table),
             key,
             value: value.into(),
         }));
@@ -648,8 +694,7 @@ mod tests {
 
     /// The applied index the group's rows (memtable included) name; 0 before any.
     fn written_index(engine: &Arc<dyn StorageEngine>) -> u64 {
-        let (from, to) = group_rows(1);
-        let rows = engine.scan(CF_STATE, &from, &to).unwrap();
+        let rows = scan_group(&**engine, 1, None).unwrap();
         applied_of_rows(1, &rows).unwrap().0.map_or(0, |l| l.index)
     }
 

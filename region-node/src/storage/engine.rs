@@ -31,12 +31,23 @@ use crate::error::NodeError;
 pub const CF_LOG: &str = "log";
 pub const CF_META: &str = "meta";
 pub const CF_SNAPSHOT: &str = "snapshot";
-/// The groups' state machines as rows (`queue::rows`), written after every apply.
-pub const CF_STATE: &str = "state";
+/// The groups' state machines as rows (`queue::rows`), written after every apply: the small
+/// rows of each group (applied position, queues, topics, counters).
+pub const CF_STATE_GROUPS: &str = "groups";
+/// The state rows of messages (headers and bodies).
+pub const CF_STATE_MESSAGES: &str = "messages";
 /// Column families of the log database, every write of which goes through its WAL.
 const LOG_DB_CFS: [&str; 3] = [CF_LOG, CF_META, CF_SNAPSHOT];
 /// Column families of the state database (inside the log database's directory, as `state/`).
-const STATE_DB_CFS: [&str; 1] = [CF_STATE];
+pub const STATE_DB_CFS: [&str; 2] = [CF_STATE_GROUPS, CF_STATE_MESSAGES];
+/// The one column family of the state database before messages had rows of their own, keyed
+/// differently.
+const CF_STATE_BEFORE_SPLIT: &str = "state";
+
+/// Whether `cf` is one of the state database's (mostly unlogged) column families.
+pub fn is_state_cf(cf: &str) -> bool {
+    STATE_DB_CFS.contains(&cf)
+}
 const STATE_DB_DIR: &str = "state";
 /// Table files in level 0 of the state rows before they are compacted (RocksDB's default: 4).
 const STATE_L0_COMPACTION_TRIGGER: i32 = 16;
@@ -125,7 +136,7 @@ pub trait StorageEngine: Send + Sync + 'static {
         to: &[u8],
     ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Writes `ops`; with `sync`, durable (WAL fsynced) on return. Atomic within each of the
-    /// two databases ([`CF_STATE`], and the rest), not across them.
+    /// two databases (the [`STATE_DB_CFS`], and the rest), not across them.
     fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()>;
     /// Queues a job for the group-commit writer; `done` runs after its batch is written.
     fn submit(&self, job: LogJob);
@@ -139,11 +150,11 @@ pub trait StorageEngine: Send + Sync + 'static {
     fn disk_low(&self) -> bool {
         false
     }
-    /// Makes checkpoint `name`: a durable copy of the state rows ([`CF_STATE`]) as they are
+    /// Makes checkpoint `name`: a durable copy of the state rows ([`STATE_DB_CFS`]) as they are
     /// now, which later writes do not change. Everything written before it (synced or not) is
     /// durable once it returns. RocksDB: the state memtable flushed, table files hard-linked.
     fn checkpoint(&self, name: &str) -> io::Result<()>;
-    /// Entries of `cf` (only [`CF_STATE`] is sure to be there) with keys in `[from, to)` of
+    /// Entries of `cf` (only the [`STATE_DB_CFS`] are sure to be there) with keys in `[from, to)` of
     /// checkpoint `name`, ascending.
     fn scan_checkpoint(
         &self,
@@ -184,7 +195,7 @@ struct Dbs {
 impl Dbs {
     /// The database holding column family `cf`.
     fn of(&self, cf: &str) -> &DB {
-        if cf == CF_STATE {
+        if is_state_cf(cf) {
             &self.state
         } else {
             &self.log
@@ -198,7 +209,7 @@ impl Dbs {
 
 /// `ops` as the log database's and the state database's, each in order.
 fn split_by_db(ops: impl IntoIterator<Item = LogOp>) -> (Vec<LogOp>, Vec<LogOp>) {
-    ops.into_iter().partition(|op| op.cf() != CF_STATE)
+    ops.into_iter().partition(|op| !is_state_cf(op.cf()))
 }
 
 /// Writes `ops` (not empty) to `db` as one batch: through its WAL if `logged`, fsynced if
@@ -214,13 +225,16 @@ fn write_batch(db: &DB, ops: Vec<LogOp>, logged: bool, sync: bool) -> Result<(),
 fn flush_cfs(db: &DB, cfs: &[&str]) -> Result<(), rocksdb::Error> {
     let mut fo = rocksdb::FlushOptions::default();
     fo.set_wait(true);
-    for &name in cfs {
-        let cf = db
-            .cf_handle(name)
-            .expect("column families are created at open");
-        db.flush_cf_opt(cf, &fo)?;
-    }
-    Ok(())
+    let handles: Vec<_> = cfs
+        .iter()
+        .map(|&name| {
+            db.cf_handle(name)
+                .expect("column families are created at open")
+        })
+        .collect();
+    // One call, so the state database's atomic flush writes its column families as of one
+    // point.
+    db.flush_cfs_opt(&handles, &fo)
 }
 
 /// Options both databases share.
@@ -268,13 +282,13 @@ fn open_db(
     let descriptors = cfs.iter().map(|&n| {
         let mut cf_opts = Options::default();
         cf_opts.set_write_buffer_size(write_buffer);
-        if n == CF_STATE {
+        if is_state_cf(n) {
             cf_opts.set_memtable_factory(rocksdb::MemtableFactory::Vector);
-            // Only starts and checkpoints read these rows, so L0 files may pile up: every
-            // file holds the groups' applied rows, which overlap in every file, so each
-            // L0-to-base compaction rewrote all the rows below it. At RocksDB's default of 4
-            // files, a 25 s W1 run wrote 990-1,090 MiB of state tables per node; at 16, about
-            // 700, of which the flushes are about 400.
+            // Only starts and checkpoints read these rows, so L0 files may pile up. When the
+            // groups' applied rows were in every file of the messages, the files all
+            // overlapped, so each L0-to-base compaction rewrote all the rows below it: at
+            // RocksDB's default of 4 files, a 25 s W1 run wrote 990-1,090 MiB of state tables
+            // per node; at 16, about 700, of which the flushes are about 400.
             cf_opts.set_level_zero_file_num_compaction_trigger(STATE_L0_COMPACTION_TRIGGER);
             cf_opts.set_level_zero_slowdown_writes_trigger(STATE_L0_COMPACTION_TRIGGER * 3);
             cf_opts.set_level_zero_stop_writes_trigger(STATE_L0_COMPACTION_TRIGGER * 5);
@@ -293,6 +307,14 @@ fn open_db(
     Ok(db)
 }
 
+fn earlier_layout(path: &Path, what: &str) -> NodeError {
+    NodeError::Storage(format!(
+        "{} holds a database of an earlier Meridian layout ({what}). Stop the node, delete \
+         the directory and start it again to resync from its peers",
+        path.display()
+    ))
+}
+
 impl Engine {
     /// Opens (or creates) the databases at `path`, sized, paced and guarded as `storage` says.
     pub fn open(path: &Path, storage: &StorageConfig) -> Result<Self, NodeError> {
@@ -307,13 +329,17 @@ impl Engine {
         // Before the split the state rows were a column family of the one database; RocksDB
         // would refuse to open it without naming why.
         if let Ok(existing) = DB::list_cf(&opts, path) {
-            if existing.iter().any(|cf| cf == CF_STATE) {
-                return Err(NodeError::Storage(format!(
-                    "{} holds a database of an earlier Meridian layout (state rows beside the \
-                     log). Stop the node, delete the directory and start it again to resync \
-                     from its peers",
-                    path.display()
-                )));
+            if existing.iter().any(|cf| cf == CF_STATE_BEFORE_SPLIT) {
+                return Err(earlier_layout(path, "state rows beside the log"));
+            }
+        }
+        // Before messages had a column family of their own, every state row was in one.
+        if let Ok(existing) = DB::list_cf(&opts, path.join(STATE_DB_DIR)) {
+            if existing.iter().any(|cf| cf == CF_STATE_BEFORE_SPLIT) {
+                return Err(earlier_layout(
+                    path,
+                    "messages among the groups' state rows",
+                ));
             }
         }
         // The votes and records of the small column families would hold every WAL file the
@@ -321,11 +347,15 @@ impl Engine {
         // memtables (3 GiB here), all of it replayed at a restart: flush them sooner.
         let mut log_opts = opts.clone();
         log_opts.set_max_total_wal_size(storage.write_buffer_mib.saturating_mul(2 << 20));
+        // The state rows skip the WAL, and a restart trusts the applied row it finds: every
+        // flush must write the groups' rows and the messages' as of the same write.
+        let mut state_opts = opts.clone();
+        state_opts.set_atomic_flush(true);
         let dbs = Dbs {
             log: Arc::new(open_db(path, &log_opts, &LOG_DB_CFS, storage)?),
             state: Arc::new(open_db(
                 &path.join(STATE_DB_DIR),
-                &opts,
+                &state_opts,
                 &STATE_DB_CFS,
                 storage,
             )?),
@@ -686,7 +716,7 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
         }
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
-        let is_state = |op: &LogOp| op.cf() == CF_STATE;
+        let is_state = |op: &LogOp| is_state_cf(op.cf());
         // The state rows of a round go through the state database's WAL only if a logged job
         // writes some (an ordered write, e.g. an installed snapshot); then all of them do, in
         // submission order. Everything else is the log database's, always logged.
@@ -783,20 +813,29 @@ mod tests {
         {
             let e = Engine::open_unreserved(dir.path()).unwrap();
             let done = [
-                submit(&e, put(CF_STATE, b"k", b"a"), Durability::Unlogged),
+                submit(&e, put(CF_STATE_MESSAGES, b"k", b"a"), Durability::Unlogged),
                 submit(&e, put(CF_LOG, b"l", b"1"), Durability::Synced),
-                submit(&e, put(CF_STATE, b"k", b"b"), Durability::Synced),
-                submit(&e, put(CF_STATE, b"k", b"c"), Durability::Unlogged),
-                submit(&e, put(CF_STATE, b"u", b"x"), Durability::Unlogged),
+                submit(&e, put(CF_STATE_MESSAGES, b"k", b"b"), Durability::Synced),
+                submit(&e, put(CF_STATE_MESSAGES, b"k", b"c"), Durability::Unlogged),
+                submit(&e, put(CF_STATE_MESSAGES, b"u", b"x"), Durability::Unlogged),
             ];
             for rx in done {
                 rx.recv().unwrap().unwrap();
             }
-            assert_eq!(e.get(CF_STATE, b"k").unwrap().as_deref(), Some(&b"c"[..]));
+            assert_eq!(
+                e.get(CF_STATE_MESSAGES, b"k").unwrap().as_deref(),
+                Some(&b"c"[..])
+            );
         }
         let e = Engine::open_unreserved(dir.path()).unwrap();
-        assert_eq!(e.get(CF_STATE, b"k").unwrap().as_deref(), Some(&b"c"[..]));
-        assert_eq!(e.get(CF_STATE, b"u").unwrap().as_deref(), Some(&b"x"[..]));
+        assert_eq!(
+            e.get(CF_STATE_MESSAGES, b"k").unwrap().as_deref(),
+            Some(&b"c"[..])
+        );
+        assert_eq!(
+            e.get(CF_STATE_MESSAGES, b"u").unwrap().as_deref(),
+            Some(&b"x"[..])
+        );
         assert_eq!(e.get(CF_LOG, b"l").unwrap().as_deref(), Some(&b"1"[..]));
     }
 
@@ -819,7 +858,7 @@ mod tests {
                 let (cf, d) = if i % 2 == 0 {
                     (CF_LOG, Durability::Synced)
                 } else {
-                    (CF_STATE, Durability::Unlogged)
+                    (CF_STATE_MESSAGES, Durability::Unlogged)
                 };
                 submit(&e, put(cf, &i.to_be_bytes(), &body), d)
                     .recv()
@@ -847,7 +886,11 @@ mod tests {
         }
         let e = Engine::open(dir.path(), &storage).unwrap();
         for i in 0..1024u32 {
-            let cf = if i % 2 == 0 { CF_LOG } else { CF_STATE };
+            let cf = if i % 2 == 0 {
+                CF_LOG
+            } else {
+                CF_STATE_MESSAGES
+            };
             assert_eq!(
                 e.get(cf, &i.to_be_bytes()).unwrap().as_deref(),
                 Some(&body[..]),
@@ -877,7 +920,7 @@ mod tests {
             submit(&e, put(CF_LOG, &i.to_be_bytes(), &body), Durability::Synced);
             submit(
                 &e,
-                put(CF_STATE, &i.to_be_bytes(), &body),
+                put(CF_STATE_MESSAGES, &i.to_be_bytes(), &body),
                 Durability::Unlogged,
             )
             .recv()
@@ -886,8 +929,10 @@ mod tests {
         }
         e.checkpoint("c1").unwrap();
         assert_eq!(table_bytes(&e.dbs.log, CF_LOG), 0, "the log was flushed");
-        assert!(table_bytes(&e.dbs.state, CF_STATE) > 0);
-        let rows = e.scan_checkpoint("c1", CF_STATE, &[], &[0xff; 5]).unwrap();
+        assert!(table_bytes(&e.dbs.state, CF_STATE_MESSAGES) > 0);
+        let rows = e
+            .scan_checkpoint("c1", CF_STATE_MESSAGES, &[], &[0xff; 5])
+            .unwrap();
         assert_eq!(rows.len(), 2000);
         // Purge the first 1,990 entries while they are still in the memtable, then flush.
         submit(
@@ -939,15 +984,19 @@ mod tests {
             // Like an apply: the applied row (same key every time) and new message rows.
             submit(
                 &e,
-                put(CF_STATE, b"a", &round.to_be_bytes()),
+                put(CF_STATE_MESSAGES, b"a", &round.to_be_bytes()),
                 Durability::Unlogged,
             );
             for i in 0..10u32 {
                 let key = [&round.to_be_bytes()[..], &i.to_be_bytes()].concat();
-                submit(&e, put(CF_STATE, &key, &[7u8; 100]), Durability::Unlogged)
-                    .recv()
-                    .unwrap()
-                    .unwrap();
+                submit(
+                    &e,
+                    put(CF_STATE_MESSAGES, &key, &[7u8; 100]),
+                    Durability::Unlogged,
+                )
+                .recv()
+                .unwrap()
+                .unwrap();
             }
             flush_cfs(&e.dbs.state, &STATE_DB_CFS).unwrap();
         }
@@ -955,7 +1004,7 @@ mod tests {
         state
             .wait_for_compact(&rocksdb::WaitForCompactOptions::default())
             .unwrap();
-        let cf = state.cf_handle(CF_STATE).unwrap();
+        let cf = state.cf_handle(CF_STATE_MESSAGES).unwrap();
         let l0 = state
             .property_int_value_cf(&cf, "rocksdb.num-files-at-level0")
             .unwrap();
@@ -983,7 +1032,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(syncs(), 0);
-        submit(&e, put(CF_STATE, b"k", b"v"), Durability::Synced)
+        submit(&e, put(CF_STATE_MESSAGES, b"k", b"v"), Durability::Synced)
             .recv()
             .unwrap()
             .unwrap();
@@ -999,13 +1048,93 @@ mod tests {
             let mut opts = Options::default();
             opts.create_if_missing(true);
             opts.create_missing_column_families(true);
-            let _db =
-                DB::open_cf(&opts, dir.path(), [CF_LOG, CF_META, CF_SNAPSHOT, CF_STATE]).unwrap();
+            let _db = DB::open_cf(
+                &opts,
+                dir.path(),
+                [CF_LOG, CF_META, CF_SNAPSHOT, CF_STATE_BEFORE_SPLIT],
+            )
+            .unwrap();
         }
         let err = Engine::open_unreserved(dir.path())
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("earlier Meridian layout"), "{err}");
+    }
+
+    /// A state database of one column family (messages keyed among the groups' rows) is
+    /// refused the same way: its rows would not parse, or worse, parse as something else.
+    #[test]
+    fn a_state_database_of_the_one_table_layout_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Engine::open_unreserved(dir.path()).unwrap());
+        let state = dir.path().join(STATE_DB_DIR);
+        std::fs::remove_dir_all(&state).unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let _db = DB::open_cf(&opts, &state, [CF_STATE_BEFORE_SPLIT]).unwrap();
+        }
+        let err = Engine::open_unreserved(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("earlier Meridian layout"), "{err}");
+        assert!(err.contains("messages among"), "{err}");
+    }
+
+    /// Unlogged rows of both state column families reach table files together: when the
+    /// messages' memtable fills, RocksDB's flush writes the groups' too, as of the same write,
+    /// so a crash can never leave a group's applied row ahead of (or behind) its messages.
+    #[test]
+    fn the_state_column_families_flush_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = StorageConfig {
+            min_free_mib: 0,
+            write_buffer_mib: 1,
+            ..StorageConfig::default()
+        };
+        let e = Engine::open(dir.path(), &storage).unwrap();
+        let mut ops = vec![LogOp::Put {
+            cf: CF_STATE_GROUPS,
+            key: b"applied".to_vec(),
+            value: Bytes::from_static(b"1"),
+        }];
+        // Three times the memtable's size of messages: RocksDB flushes by itself.
+        ops.extend((0u32..3 * 1024).map(|i| LogOp::Put {
+            cf: CF_STATE_MESSAGES,
+            key: i.to_be_bytes().to_vec(),
+            value: Bytes::from(vec![7u8; 1024]),
+        }));
+        let (tx, rx) = mpsc::channel();
+        e.submit(LogJob {
+            ops,
+            durability: Durability::Unlogged,
+            done: Box::new(move |r| tx.send(r).unwrap()),
+        });
+        rx.recv().unwrap().unwrap();
+        // RocksDB switches a full memtable at the next write (a batch of its own).
+        submit(
+            &e,
+            put(CF_STATE_MESSAGES, b"next", b"v"),
+            Durability::Unlogged,
+        )
+        .recv()
+        .unwrap()
+        .unwrap();
+        let state = e.dbs.state.clone();
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while table_bytes(&state, CF_STATE_MESSAGES) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no flush of the messages in 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(
+            table_bytes(&state, CF_STATE_GROUPS) > 0,
+            "the groups' rows were flushed with the messages'"
+        );
     }
 }

@@ -6,8 +6,8 @@ mod engine;
 mod log_store;
 
 pub use engine::{
-    free_bytes, Durability, Engine, LogJob, LogOp, StorageEngine, StorageMetrics, CF_LOG, CF_META,
-    CF_SNAPSHOT, CF_STATE,
+    free_bytes, is_state_cf, Durability, Engine, LogJob, LogOp, StorageEngine, StorageMetrics,
+    CF_LOG, CF_META, CF_SNAPSHOT, CF_STATE_GROUPS, CF_STATE_MESSAGES, STATE_DB_CFS,
 };
 pub use log_store::LogStore;
 

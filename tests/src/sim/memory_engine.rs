@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_region_node::storage::{
-    Durability, LogJob, LogOp, StorageEngine, StorageMetrics, CF_STATE,
+    is_state_cf, Durability, LogJob, LogOp, StorageEngine, StorageMetrics, STATE_DB_CFS,
 };
 
 type Key = (&'static str, Vec<u8>);
@@ -83,7 +83,8 @@ impl Disk {
     fn write(&mut self, ops: Vec<LogOp>, state_logged: bool) {
         for op in ops {
             apply(&mut self.visible, &op);
-            if op.cf() == CF_STATE {
+            // One memtable for both state column families: RocksDB flushes them atomically.
+            if is_state_cf(op.cf()) {
                 self.state_memtable.push((op, state_logged));
             } else {
                 self.unsynced.push(op);
@@ -276,9 +277,9 @@ impl StorageEngine for SharedMemoryEngine {
         // the WALs: everything written so far is durable afterwards, synced or not.
         d.sync();
         d.flush_state();
-        let copy: Table = d
-            .durable
-            .range(key_range(CF_STATE, &[], &[0xff; 8]))
+        let copy: Table = STATE_DB_CFS
+            .iter()
+            .flat_map(|cf| d.durable.range(key_range(cf, &[], &[0xff; 8])))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         d.checkpoints.insert(name.to_string(), copy);

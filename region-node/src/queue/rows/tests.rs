@@ -10,7 +10,7 @@ use meridian_api::limits::{
 use meridian_api::topics::{FilterType, NotifyFormat, NotifyStrategy, Protocol};
 use proptest::prelude::*;
 
-use super::{group_rows, RowOp};
+use super::{group_rows, RowOp, Table};
 use crate::command::{
     Command, Op, OpResult, PushOutcome, PushResult, QueueKey, Receipt, TransferItem,
 };
@@ -20,29 +20,34 @@ use crate::topic::SubscriptionSpec;
 const T0: i64 = 1_700_000_000_000;
 const QUEUES: [&str; 4] = ["a", "b", "Dlq", "d"];
 
-fn write(table: &mut BTreeMap<Vec<u8>, Vec<u8>>, ops: Vec<RowOp>) {
+/// Both tables of rows, as one map keyed by table and key.
+type Rows = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
+
+fn write(table: &mut Rows, ops: Vec<RowOp>) {
     for op in ops {
         match op {
-            RowOp::Put(k, v) => {
-                table.insert(k, v.to_vec());
+            RowOp::Put(t, k, v) => {
+                table.insert((t, k), v.to_vec());
             }
-            RowOp::Delete(k) => {
-                table.remove(&k);
+            RowOp::Delete(t, k) => {
+                table.remove(&(t, k));
             }
-            RowOp::DeleteRange(from, to) => table.retain(|k, _| *k < from || *k >= to),
+            RowOp::DeleteRange(t, from, to) => {
+                table.retain(|(tk, k), _| *tk != t || *k < from || *k >= to)
+            }
         }
     }
 }
 
-fn borrowed(table: &BTreeMap<Vec<u8>, Vec<u8>>) -> impl Iterator<Item = (&[u8], &[u8])> {
-    table.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+fn borrowed(table: &Rows) -> impl Iterator<Item = (Table, &[u8], &[u8])> {
+    table
+        .iter()
+        .map(|((t, k), v)| (*t, k.as_slice(), v.as_slice()))
 }
 
-fn reload(table: &BTreeMap<Vec<u8>, Vec<u8>>) -> GroupState {
+fn reload(table: &Rows) -> GroupState {
     let (from, to) = group_rows(1);
-    let rows = table
-        .range(from..to)
-        .map(|(k, v)| (k.as_slice(), v.as_slice()));
+    let rows = borrowed(table).filter(|(_, k, _)| *k >= from.as_slice() && *k < to.as_slice());
     GroupState::from_rows(1, 2, rows).expect("rows parse")
 }
 
@@ -205,14 +210,12 @@ proptest! {
                 Step::Flush => {
                     let mut ops = Vec::new();
                     s.drain_changes(&mut ops);
-                    let keys: Vec<&Vec<u8>> = ops
+                    let keys: Vec<(Table, &[u8])> = ops
                         .iter()
-                        .filter_map(|op| match op {
-                            RowOp::Put(k, _) | RowOp::Delete(k) => Some(k),
-                            RowOp::DeleteRange(..) => None,
-                        })
+                        .filter(|op| !matches!(op, RowOp::DeleteRange(..)))
+                        .map(|op| (op.table(), op.key()))
                         .collect();
-                    prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "rows in ascending key order, each once");
+                    prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "rows by table in ascending key order, each once");
                     prop_assert!(
                         ops.iter().skip_while(|op| matches!(op, RowOp::DeleteRange(..))).all(|op| !matches!(op, RowOp::DeleteRange(..))),
                         "range deletions first"
@@ -259,11 +262,13 @@ fn a_malformed_row_is_an_error_not_a_panic() {
     });
     let mut table = BTreeMap::new();
     write(&mut table, s.all_rows());
-    for (k, _) in table.clone() {
+    assert!(table.keys().any(|(t, _)| *t == Table::Messages));
+    for (t, k) in table.keys().cloned() {
         let mut broken = table.clone();
-        broken.insert(k.clone(), vec![0xff; 3]);
+        broken.insert((t, k.clone()), vec![0xff; 3]);
+        let is_body = t == Table::Messages && k.last() == Some(&b'b');
         // Bodies are raw bytes: any value is a valid body.
-        if k[4] != b'b' {
+        if !is_body {
             assert!(
                 GroupState::from_rows(1, 2, borrowed(&broken)).is_err(),
                 "{}",
@@ -271,8 +276,8 @@ fn a_malformed_row_is_an_error_not_a_panic() {
             );
         }
         let mut missing = table.clone();
-        missing.remove(&k);
-        if k[4] == b'b' || k[4] == b'q' {
+        missing.remove(&(t, k.clone()));
+        if is_body || (t == Table::Group && k[4] == b'q') {
             assert!(
                 GroupState::from_rows(1, 2, borrowed(&missing)).is_err(),
                 "{}",
@@ -280,18 +285,35 @@ fn a_malformed_row_is_an_error_not_a_panic() {
             );
         }
     }
+    // Keys as broken as values: a message row short of its sequence number, or of a tag
+    // that is neither body nor header.
+    let (_, message) = table
+        .keys()
+        .find(|(t, _)| *t == Table::Messages)
+        .cloned()
+        .unwrap();
+    let short = message[..message.len() - 2].to_vec();
+    let unknown = [&message[..message.len() - 1], b"z"].concat();
+    for bad in [short, unknown] {
+        let mut broken = table.clone();
+        broken.insert((Table::Messages, bad.clone()), b"x".to_vec());
+        assert!(
+            GroupState::from_rows(1, 2, borrowed(&broken)).is_err(),
+            "{}",
+            hex::encode(&bad)
+        );
+    }
 }
 
-/// Message rows among `ops`: (puts, deletes). Byte 4 of a key is its tag.
+/// Message rows among `ops`: (puts, deletes).
 fn message_rows(ops: &[RowOp]) -> (usize, usize) {
-    let is_message = |k: &[u8]| k[4] == b'b' || k[4] == b'h';
     let puts = ops
         .iter()
-        .filter(|op| matches!(op, RowOp::Put(k, _) if is_message(k)))
+        .filter(|op| matches!(op, RowOp::Put(Table::Messages, ..)))
         .count();
     let deletes = ops
         .iter()
-        .filter(|op| matches!(op, RowOp::Delete(k) if is_message(k)))
+        .filter(|op| matches!(op, RowOp::Delete(Table::Messages, _)))
         .count();
     (puts, deletes)
 }
@@ -301,7 +323,7 @@ fn apply(s: &mut GroupState, op: Op) -> OpResult {
 }
 
 /// Writes what changed into `table`, checks it rebuilds `s`, and counts the message rows.
-fn drain(s: &mut GroupState, table: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> (usize, usize) {
+fn drain(s: &mut GroupState, table: &mut Rows) -> (usize, usize) {
     let mut ops = Vec::new();
     s.drain_changes(&mut ops);
     let counts = message_rows(&ops);
@@ -366,4 +388,45 @@ fn a_message_sent_and_deleted_between_two_writes_costs_no_row() {
     // The third, written out before, is deleted: its two rows go.
     send_and_consume(&mut s, 0, 1);
     assert_eq!(drain(&mut s, &mut table), (0, 2));
+}
+
+/// What lets RocksDB move a flush's table file down instead of merging it with older ones:
+/// the message rows of a write all sort after those of earlier writes of the same queue
+/// (bodies and headers alike), and none of the group's own rows are among them.
+#[test]
+fn a_queues_newer_message_rows_sort_after_its_older_ones() {
+    let mut s = GroupState::new(1, 2);
+    apply(
+        &mut s,
+        Op::CreateQueue {
+            tenant: "".into(),
+            name: "a".into(),
+            attrs: QueueAttributes::default(),
+        },
+    );
+    let mut table = BTreeMap::new();
+    drain(&mut s, &mut table);
+    let mut last: Option<Vec<u8>> = None;
+    for _ in 0..3 {
+        send_and_consume(&mut s, 4, 0);
+        let mut ops = Vec::new();
+        s.drain_changes(&mut ops);
+        let messages: Vec<&[u8]> = ops
+            .iter()
+            .filter(|op| op.table() == Table::Messages)
+            .map(RowOp::key)
+            .collect();
+        assert_eq!(messages.len(), 8, "a body and a header per message");
+        assert!(ops.iter().any(|op| op.table() == Table::Group));
+        let (first, newest) = (messages[0], messages[messages.len() - 1]);
+        if let Some(last) = &last {
+            assert!(
+                first > last.as_slice(),
+                "a write's rows start past the last write's"
+            );
+        }
+        last = Some(newest.to_vec());
+        write(&mut table, ops);
+    }
+    assert_eq!(&reload(&table), &s);
 }
