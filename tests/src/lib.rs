@@ -222,6 +222,8 @@ impl Region {
                 data_groups,
                 cluster_secret: hex::encode(secret),
                 bootstrap: m.id == 1,
+                // One per core, the production default.
+                worker_threads: 0,
                 members: members.clone(),
                 raft: RaftConfig::default(),
                 http: HttpConfig {

@@ -129,6 +129,15 @@ pub struct BenchArgs {
     /// Print one JSON object per workload instead of text.
     #[arg(long)]
     json: bool,
+    /// Worker threads of this client's runtime (0: one per CPU core); 2, as peerbench's
+    /// `--client-threads`, so both drive their targets alike.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    pub client_threads: u64,
+    /// Worker threads of each node of the local region bench starts (0: one per CPU core);
+    /// default: a third of the cores, at least one, as `meridian dev`. Ignored with
+    /// `--endpoint`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    node_threads: Option<u64>,
 }
 
 /// What one workload measured.
@@ -1250,6 +1259,8 @@ fn report(o: &Outcome, args: &BenchArgs, disk: Disk, to_leader: Option<bool>) {
             "disk_append_fsync_per_s": disk.append.per_s.round(),
             "disk_append_fsync_p50_ms": disk.append.p50_ms,
             "to_leader": to_leader,
+            "client_threads": args.client_threads,
+            "node_threads": args.local_node_threads(),
         });
         if let Some((region, client)) = cost(o) {
             let round = |x: f64, places: i32| (x * 10f64.powi(places)).round() / 10f64.powi(places);
@@ -1308,6 +1319,16 @@ fn report(o: &Outcome, args: &BenchArgs, disk: Disk, to_leader: Option<bool>) {
     let _ = std::io::stdout().flush();
 }
 
+impl BenchArgs {
+    /// Worker threads of each node of the local region; `None` against a given endpoint.
+    fn local_node_threads(&self) -> Option<usize> {
+        self.endpoint.is_none().then(|| {
+            self.node_threads
+                .map_or_else(crate::dev::shared_node_threads, |n| n as usize)
+        })
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.body_bytes < 16 {
         bail!("--body-bytes must be at least 16 (the send time travels in the body)");
@@ -1356,6 +1377,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 crate::dev::free_base_port(),
                 3,
                 false,
+                args.local_node_threads().unwrap_or(0),
                 false,
             )?;
             region.wait_ready(Duration::from_secs(60)).await?;

@@ -38,6 +38,18 @@ pub struct DevArgs {
     /// when the data directory is new.
     #[arg(long)]
     tls: bool,
+    /// Worker threads of each node's runtime (`worker_threads` in its config; 0: one per CPU
+    /// core); default: a third of this machine's cores, at least one, since the three nodes
+    /// share them. Applies when the data directory is new.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    node_threads: Option<u64>,
+}
+
+/// Worker threads per node when the three nodes of a local region share this machine: a
+/// third of its cores, at least one. More threads than cores only add hand-offs between them.
+pub fn shared_node_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / NODE_IDS.len()).max(1)
 }
 
 fn config_path(dir: &Path, id: u64) -> PathBuf {
@@ -73,7 +85,13 @@ fn write_dev_tls(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     Ok(paths)
 }
 
-fn write_configs(dir: &Path, base_port: u16, data_groups: u32, tls: bool) -> anyhow::Result<()> {
+fn write_configs(
+    dir: &Path,
+    base_port: u16,
+    data_groups: u32,
+    tls: bool,
+    node_threads: usize,
+) -> anyhow::Result<()> {
     let tls_files = if tls { Some(write_dev_tls(dir)?) } else { None };
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
@@ -92,6 +110,7 @@ fn write_configs(dir: &Path, base_port: u16, data_groups: u32, tls: bool) -> any
             data_groups,
             cluster_secret: hex_encode(&secret),
             bootstrap: id == 1,
+            worker_threads: node_threads,
             members: members.clone(),
             raft: RaftConfig::default(),
             http: HttpConfig {
@@ -181,17 +200,19 @@ pub struct LocalRegion {
 }
 
 impl LocalRegion {
-    /// Writes configs (unless `dir` has them) and starts the three nodes.
+    /// Writes configs (unless `dir` has them) and starts the three nodes, each with
+    /// `node_threads` runtime threads (0: one per core).
     pub fn launch(
         dir: &Path,
         base_port: u16,
         data_groups: u32,
         tls: bool,
+        node_threads: usize,
         announce: bool,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         if !config_path(dir, 1).exists() {
-            write_configs(dir, base_port, data_groups, tls)?;
+            write_configs(dir, base_port, data_groups, tls, node_threads)?;
         }
         let mut children = Vec::new();
         let mut grpc = Vec::new();
@@ -355,7 +376,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         0 => free_base_port(),
         p => p,
     };
-    let mut region = LocalRegion::launch(&dir, base_port, args.data_groups, args.tls, true)?;
+    let node_threads = args
+        .node_threads
+        .map_or_else(shared_node_threads, |n| n as usize);
+    let mut region = LocalRegion::launch(
+        &dir,
+        base_port,
+        args.data_groups,
+        args.tls,
+        node_threads,
+        true,
+    )?;
     if let Err(e) = region
         .wait_ready(Duration::from_secs(args.ready_timeout))
         .await

@@ -153,7 +153,24 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    // A node's config sizes its runtime, so it is read before the runtime starts.
+    let mut node_config = None;
+    let threads = match &cli.cmd {
+        Cmd::Node { config } => match meridian_region_node::NodeConfig::load(config) {
+            Ok(c) => {
+                let n = c.worker_threads;
+                node_config = Some(c);
+                n
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Cmd::Bench(args) => args.client_threads as usize,
+        _ => 0,
+    };
+    let rt = match runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -162,9 +179,9 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Node { config } => {
+            Cmd::Node { .. } => {
                 init_tracing();
-                run_node(config).await
+                run_node(node_config.expect("loaded above")).await
             }
             Cmd::Dev(args) => dev::run(args).await,
             Cmd::Bench(args) => bench::run(args).await,
@@ -212,8 +229,18 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_node(path: PathBuf) -> anyhow::Result<()> {
-    let config = meridian_region_node::NodeConfig::load(&path)?;
+/// tokio's multi-threaded runtime with `threads` workers (0: one per CPU core, or
+/// `TOKIO_WORKER_THREADS`).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.build()
+}
+
+async fn run_node(config: meridian_region_node::NodeConfig) -> anyhow::Result<()> {
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("install SIGTERM handler");

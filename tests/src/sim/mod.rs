@@ -253,6 +253,8 @@ fn node_config(id: NodeId) -> NodeConfig {
         data_groups: DATA_GROUPS,
         cluster_secret: "5e".repeat(16),
         bootstrap: id == 1,
+        // turmoil runs every node on one thread; the field only sizes a real node's runtime.
+        worker_threads: 0,
         members: NODES
             .iter()
             .map(|&m| MemberConfig {
