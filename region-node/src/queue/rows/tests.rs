@@ -18,7 +18,9 @@ use crate::queue::GroupState;
 use crate::topic::SubscriptionSpec;
 
 const T0: i64 = 1_700_000_000_000;
-const QUEUES: [&str; 4] = ["a", "b", "Dlq", "d"];
+/// "a" and "a1": one name a prefix of another, so a queue's row ranges must not cover the
+/// other's rows.
+const QUEUES: [&str; 5] = ["a", "a1", "b", "Dlq", "d"];
 
 /// Both tables of rows, as one map keyed by table and key.
 type Rows = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
