@@ -973,15 +973,17 @@ mod tests {
         );
     }
 
-    /// State tables pile up in level 0 (their applied rows overlap in every file) rather
-    /// than being compacted every 4 flushes, each compaction rewriting all rows below.
+    /// Overlapping state tables pile up in level 0 rather than being compacted every 4
+    /// flushes, each compaction rewriting all rows below. Every file here holds a row of
+    /// the same key, so no file can move down without a merge (as when every file held the
+    /// groups' applied rows).
     #[test]
     fn state_tables_are_not_compacted_before_the_state_l0_trigger() {
         let dir = tempfile::tempdir().unwrap();
         let e = Engine::open_unreserved(dir.path()).unwrap();
         let flushes = STATE_L0_COMPACTION_TRIGGER - 1;
         for round in 0..flushes {
-            // Like an apply: the applied row (same key every time) and new message rows.
+            // A row of the same key every time (so the files overlap) and new message rows.
             submit(
                 &e,
                 put(CF_STATE_MESSAGES, b"a", &round.to_be_bytes()),

@@ -46,8 +46,8 @@ struct Disk {
     sync_scheduled: bool,
     /// Bumped by every boot, so an old boot's sync task cannot complete a new boot's jobs.
     boot: u64,
-    /// Checkpoints by name: durable copies of the state column family (all the project reads
-    /// from a checkpoint), which survive crashes.
+    /// Checkpoints by name: durable copies of the state column families (all the project
+    /// reads from a checkpoint), which survive crashes.
     checkpoints: BTreeMap<String, Table>,
 }
 
