@@ -30,10 +30,10 @@ pub struct NodeConfig {
     /// Threads that run the node's async work (client APIs, Raft, replication); 0 (the
     /// default): one per CPU core. Where several nodes share a machine, give each its share of
     /// the cores: every thread more than the cores it can run on adds hand-offs and wake-ups
-    /// between threads to each message. Three nodes on two cores with one thread each took W1
-    /// from 16.4k to 20.7k msgs/s and the region's CPU per message from 84 to 61 µs
-    /// (`meridian dev` and bench's local region do this). The log writer and RocksDB's
-    /// flushes have threads of their own besides.
+    /// between threads to each message. Three nodes on two cores with one thread each, in
+    /// alternated runs, took the region's CPU per message from 71-76 to 67-70 µs in W1 and
+    /// from 146-154 to 127-132 µs in W2 (`meridian dev` and bench's local region do this).
+    /// The log writer and RocksDB's flushes have threads of their own besides.
     #[serde(default)]
     pub worker_threads: usize,
     /// Every voting member of the region, this node included.

@@ -131,13 +131,13 @@ pub struct BenchArgs {
     json: bool,
     /// Worker threads of this client's runtime (0: one per CPU core); 2, as peerbench's
     /// `--client-threads`, so both drive their targets alike.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=1024))]
-    pub client_threads: u64,
+    #[arg(long, default_value_t = 2, value_parser = crate::dev::threads_arg())]
+    pub client_threads: usize,
     /// Worker threads of each node of the local region bench starts (0: one per CPU core);
     /// default: a third of the cores, at least one, as `meridian dev`. Ignored with
     /// `--endpoint`.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1024))]
-    node_threads: Option<u64>,
+    #[arg(long, value_parser = crate::dev::threads_arg())]
+    node_threads: Option<usize>,
 }
 
 /// What one workload measured.
@@ -1233,7 +1233,14 @@ fn cost(o: &Outcome) -> Option<(Option<RegionCost>, Option<f64>)> {
     Some((region, client_cpu_us))
 }
 
-fn report(o: &Outcome, args: &BenchArgs, disk: Disk, to_leader: Option<bool>) {
+/// `node_threads`: each local node's runtime threads; `None` against a given endpoint.
+fn report(
+    o: &Outcome,
+    args: &BenchArgs,
+    disk: Disk,
+    to_leader: Option<bool>,
+    node_threads: Option<usize>,
+) {
     let rate = o.completed as f64 / o.window_s;
     let mib = o.bytes as f64 / o.window_s / (1024.0 * 1024.0);
     let errors: u64 = o.errors.values().sum();
@@ -1260,7 +1267,7 @@ fn report(o: &Outcome, args: &BenchArgs, disk: Disk, to_leader: Option<bool>) {
             "disk_append_fsync_p50_ms": disk.append.p50_ms,
             "to_leader": to_leader,
             "client_threads": args.client_threads,
-            "node_threads": args.local_node_threads(),
+            "node_threads": node_threads,
         });
         if let Some((region, client)) = cost(o) {
             let round = |x: f64, places: i32| (x * 10f64.powi(places)).round() / 10f64.powi(places);
@@ -1319,16 +1326,6 @@ fn report(o: &Outcome, args: &BenchArgs, disk: Disk, to_leader: Option<bool>) {
     let _ = std::io::stdout().flush();
 }
 
-impl BenchArgs {
-    /// Worker threads of each node of the local region; `None` against a given endpoint.
-    fn local_node_threads(&self) -> Option<usize> {
-        self.endpoint.is_none().then(|| {
-            self.node_threads
-                .map_or_else(crate::dev::shared_node_threads, |n| n as usize)
-        })
-    }
-}
-
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.body_bytes < 16 {
         bail!("--body-bytes must be at least 16 (the send time travels in the body)");
@@ -1340,6 +1337,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .tempdir()?
             .keep(),
     };
+    // Each local node's runtime threads, resolved once; a given endpoint's are not known.
+    let local_threads = crate::dev::node_threads(args.node_threads);
+    let node_threads = args.endpoint.is_none().then_some(local_threads);
     let disk = Disk {
         overwrite: fsync_rate(&dir, ProbeWrite::Overwrite)?,
         append: fsync_rate(&dir, ProbeWrite::Append)?,
@@ -1377,7 +1377,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 crate::dev::free_base_port(),
                 3,
                 false,
-                args.local_node_threads().unwrap_or(0),
+                local_threads,
                 false,
             )?;
             region.wait_ready(Duration::from_secs(60)).await?;
@@ -1429,7 +1429,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 // T1 publishes over HTTP go to the given endpoint (topics are not looked up).
                 let http_t1 = matches!(target, Target::Http { .. }) && o.workload == "T1";
                 let to_leader = if http_t1 { None } else { target.to_leader() };
-                report(&o, &args, disk, to_leader)
+                report(&o, &args, disk, to_leader, node_threads)
             }
             Err(e) => {
                 result = Err(e);

@@ -11,7 +11,9 @@ use meridian_api::pb::cluster_service_client::ClusterServiceClient;
 use meridian_api::pb::credential_service_client::CredentialServiceClient;
 use meridian_api::pb::queue_service_client::QueueServiceClient;
 use meridian_api::pb::{CreateCredentialRequest, Empty, ListQueueRequest};
-use meridian_region_node::config::{HttpConfig, MemberConfig, NodeConfig, RaftConfig};
+use meridian_region_node::config::{
+    HttpConfig, MemberConfig, NodeConfig, RaftConfig, MAX_WORKER_THREADS,
+};
 use rand::RngCore;
 use tokio::process::{Child, Command};
 
@@ -41,15 +43,24 @@ pub struct DevArgs {
     /// Worker threads of each node's runtime (`worker_threads` in its config; 0: one per CPU
     /// core); default: a third of this machine's cores, at least one, since the three nodes
     /// share them. Applies when the data directory is new.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1024))]
-    node_threads: Option<u64>,
+    #[arg(long, value_parser = threads_arg())]
+    node_threads: Option<usize>,
 }
 
-/// Worker threads per node when the three nodes of a local region share this machine: a
-/// third of its cores, at least one. More threads than cores only add hand-offs between them.
-pub fn shared_node_threads() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / NODE_IDS.len()).max(1)
+/// A runtime thread count on the command line: 0 (one per core) up to what a node's config
+/// accepts.
+pub fn threads_arg() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(0..=MAX_WORKER_THREADS as u64)
+}
+
+/// Worker threads per node of a local region: `requested`, or else a third of this machine's
+/// cores, at least one, since its three nodes share them. More threads than cores only add
+/// hand-offs between them.
+pub fn node_threads(requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / NODE_IDS.len()).max(1)
+    })
 }
 
 fn config_path(dir: &Path, id: u64) -> PathBuf {
@@ -376,15 +387,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         0 => free_base_port(),
         p => p,
     };
-    let node_threads = args
-        .node_threads
-        .map_or_else(shared_node_threads, |n| n as usize);
     let mut region = LocalRegion::launch(
         &dir,
         base_port,
         args.data_groups,
         args.tls,
-        node_threads,
+        node_threads(args.node_threads),
         true,
     )?;
     if let Err(e) = region

@@ -154,21 +154,16 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A node's config sizes its runtime, so it is read before the runtime starts.
-    let mut node_config = None;
-    let threads = match &cli.cmd {
+    let (threads, node_config) = match &cli.cmd {
         Cmd::Node { config } => match meridian_region_node::NodeConfig::load(config) {
-            Ok(c) => {
-                let n = c.worker_threads;
-                node_config = Some(c);
-                n
-            }
+            Ok(c) => (c.worker_threads, Some(c)),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         },
-        Cmd::Bench(args) => args.client_threads as usize,
-        _ => 0,
+        Cmd::Bench(args) => (args.client_threads, None),
+        _ => (0, None),
     };
     let rt = match runtime(threads) {
         Ok(rt) => rt,
