@@ -151,6 +151,16 @@ pub fn render(node: &RegionNode) -> String {
     );
     family(
         &mut out,
+        "meridian_state_bodies_evicted_total",
+        "counter",
+        "Message bodies dropped from memory since start, their state rows being written (a receive reads them back).",
+        &groups
+            .iter()
+            .map(|(g, l, _)| (l.clone(), g.sm.shared.bodies_evicted() as f64))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        &mut out,
         "meridian_raft_append_pipeline_depth_max",
         "gauge",
         "Most appends ever unanswered at once on one stream (1 would mean no pipelining).",

@@ -769,20 +769,23 @@ impl RegionNode {
                     },
                 )
                 .await?;
+            let mut res = res;
             let OpResult::Received {
                 messages,
                 next_visible_ms,
-            } = &res
+            } = &mut res
             else {
                 return Ok(res);
             };
+            g.sm.read_bodies(key, messages)
+                .map_err(|e| ForwardError::Cmq(CmqError::internal(e.to_string())))?;
             let now = Instant::now();
             if !messages.is_empty() || now >= deadline {
                 return Ok(res);
             }
             let mut wake_at = deadline;
             if let Some(t) = next_visible_ms {
-                let in_ms = (t - self.clock.now_ms()).max(0) as u64;
+                let in_ms = (*t - self.clock.now_ms()).max(0) as u64;
                 wake_at = wake_at.min(now + Duration::from_millis(in_ms));
             }
             tokio::select! {

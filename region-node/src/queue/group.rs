@@ -46,6 +46,43 @@ impl PartialEq for GroupChanges {
 
 impl Eq for GroupChanges {}
 
+type ReadBody = dyn Fn(&QueueKey, u64) -> Option<Bytes> + Send + Sync;
+
+/// Reads the body row of message `seq` of a queue (of this group), for messages whose body is
+/// no longer held in memory (`Message::body` is `None`). Not state, like [`Woken`]: the state
+/// machine, which knows where the rows are and drops written bodies, sets it; a state outside
+/// one (the queue logic's tests) has none and keeps every body.
+#[derive(Clone, Default)]
+pub struct BodySource(Option<std::sync::Arc<ReadBody>>);
+
+impl BodySource {
+    pub fn new(read: impl Fn(&QueueKey, u64) -> Option<Bytes> + Send + Sync + 'static) -> Self {
+        Self(Some(std::sync::Arc::new(read)))
+    }
+
+    fn read(&self, key: &QueueKey, seq: u64) -> Option<Bytes> {
+        self.0.as_ref().and_then(|read| read(key, seq))
+    }
+}
+
+impl std::fmt::Debug for BodySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BodySource(rows)"
+        } else {
+            "BodySource(none)"
+        })
+    }
+}
+
+impl PartialEq for BodySource {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for BodySource {}
+
 /// A message waiting to be moved into a queue of another group (dead-lettered, or published to
 /// a topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +136,8 @@ pub struct GroupState {
     pub woken: Woken,
     #[serde(skip)]
     pub changes: GroupChanges,
+    #[serde(skip)]
+    pub bodies: BodySource,
 }
 
 impl GroupState {
@@ -121,6 +160,7 @@ impl GroupState {
             next_subscription_num: 1,
             woken: Woken::default(),
             changes: GroupChanges::default(),
+            bodies: BodySource::default(),
         }
     }
 
@@ -450,10 +490,21 @@ impl GroupState {
         let mut moved = Vec::with_capacity(due.len());
         for seq in due {
             if let Some(m) = q.remove(seq) {
-                moved.push(m.body);
+                moved.push((seq, m.body));
             }
         }
-        for body in moved {
+        for (seq, body) in moved {
+            // Read while its row is still there: the removal reaches the rows only with the
+            // next write of them, after this apply. Every replica reads the same bytes.
+            let Some(body) = body.or_else(|| self.bodies.read(key, seq)) else {
+                tracing::error!(
+                    group = self.group,
+                    queue = %key.name,
+                    seq,
+                    "the body row of a dead-lettered message is missing; it is not moved"
+                );
+                continue;
+            };
             self.route_to_queue(&dlq, body, now);
         }
     }
@@ -478,7 +529,10 @@ impl GroupState {
                 queue_id: queue_id.clone(),
                 seq,
                 msg_id: msg_id(group, seq),
-                body: m.body.to_vec(),
+                // A body only in the rows is read by the leader that answers the receive
+                // (`StateMachineStore::read_bodies`), not by every replica here.
+                body: m.body.as_ref().map_or_else(Vec::new, |b| b.to_vec()),
+                body_in_rows: m.body.is_none(),
                 enqueue_ms: m.enqueue_ms,
                 first_dequeue_ms: m.first_dequeue_ms,
                 next_visible_ms: m.visible_ms,

@@ -4,9 +4,9 @@ mod group;
 mod model;
 mod rows;
 
-pub use group::{Credential, GroupState, OutboxEntry};
+pub use group::{BodySource, Credential, GroupState, OutboxEntry};
 pub use model::{Message, Queue, QueueChanges, QueueCounters};
-pub use rows::{group_rows, RowError, RowOp, Table, TAG_APPLIED};
+pub use rows::{body_key, group_rows, RowError, RowOp, Table, TAG_APPLIED};
 
 #[cfg(test)]
 mod tests;

@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
-    pub body: Bytes,
+    /// `None` once the body is in the state rows (the state machine then drops it from memory
+    /// and reads the row when the message is received or moved): a backlog costs memory for
+    /// its headers only. Whether a replica still holds it depends on when it last wrote rows,
+    /// so it is not part of the state that replicas compare.
+    #[serde(skip)]
+    pub body: Option<Bytes>,
     pub enqueue_ms: i64,
     /// When it may next be received; meaningless once deleted.
     pub visible_ms: i64,
@@ -96,7 +101,7 @@ impl Queue {
         self.messages.insert(
             seq,
             Message {
-                body,
+                body: Some(body),
                 enqueue_ms: now_ms,
                 visible_ms,
                 dequeue_count: 0,

@@ -135,6 +135,11 @@ fn message_key(group: u32, key: &QueueKey, seq: u64, tag: u8) -> Vec<u8> {
     k
 }
 
+/// The key of the body row of message `seq` of queue `key` in `group`.
+pub fn body_key(group: u32, key: &QueueKey, seq: u64) -> Vec<u8> {
+    message_key(group, key, seq, TAG_BODY)
+}
+
 /// `[from, to)` of the message rows of one queue.
 fn queue_messages(group: u32, key: &QueueKey) -> (Vec<u8>, Vec<u8>) {
     let mut from = Vec::with_capacity(4 + queue_key_len(key) + 9);
@@ -234,8 +239,18 @@ impl GroupState {
     /// deleted before its new ones are written), then every other change by table and in
     /// ascending key order, each key at most once.
     pub fn drain_changes(&mut self, out: &mut Vec<RowOp>) {
+        self.drain_changes_noting_bodies(out, &mut Vec::new());
+    }
+
+    /// [`drain_changes`](Self::drain_changes), also listing in `bodies` the messages whose
+    /// body rows it writes.
+    pub fn drain_changes_noting_bodies(
+        &mut self,
+        out: &mut Vec<RowOp>,
+        bodies: &mut Vec<(QueueKey, u64)>,
+    ) {
         let start = out.len();
-        self.drain_unordered(out);
+        self.drain_unordered(out, bodies);
         // Sorted in place, without the scratch buffer a stable sort allocates: no key occurs
         // twice, so stability changes nothing. Range deletions (of distinct queues, so in any
         // order among themselves) go first.
@@ -249,7 +264,7 @@ impl GroupState {
         );
     }
 
-    fn drain_unordered(&mut self, out: &mut Vec<RowOp>) {
+    fn drain_unordered(&mut self, out: &mut Vec<RowOp>, bodies: &mut Vec<(QueueKey, u64)>) {
         let g = self.group;
         // Sized once: up to a header and a body row per message changed since the last batch
         // (sent, received or deleted), a row per changed queue or topic, two per removed
@@ -306,12 +321,14 @@ impl GroupState {
                             deleted_ms: m.deleted_ms,
                         };
                         out.push(RowOp::Put(Table::Messages, header_key, encode(&h).into()));
-                        if changes.bodies.contains(&seq) {
+                        // A new body is in memory until its row is written.
+                        if let (true, Some(body)) = (changes.bodies.contains(&seq), &m.body) {
                             out.push(RowOp::Put(
                                 Table::Messages,
                                 message_key(g, key, seq, TAG_BODY),
-                                m.body.clone(),
+                                body.clone(),
                             ));
+                            bodies.push((key.clone(), seq));
                         }
                     }
                     None => {
@@ -375,14 +392,20 @@ impl GroupState {
 
     /// Rebuilds the state of `group` from its rows (each table's ascending, as a scan returns
     /// them; rows of other groups and the applied row are ignored). No rows: a new, empty
-    /// group.
-    pub fn from_rows<'a, I>(group: u32, data_groups: u32, rows: I) -> Result<Self, RowError>
+    /// group. With `load_bodies` false, message bodies stay in the rows (`Message::body` is
+    /// `None`); every header must still have its body row.
+    pub fn from_rows<'a, I>(
+        group: u32,
+        data_groups: u32,
+        rows: I,
+        load_bodies: bool,
+    ) -> Result<Self, RowError>
     where
         I: IntoIterator<Item = (Table, &'a [u8], &'a [u8])>,
     {
         let mut state = GroupState::new(group, data_groups);
         let prefix = group.to_be_bytes();
-        let mut bodies: BTreeMap<(QueueKey, u64), Vec<u8>> = BTreeMap::new();
+        let mut bodies: BTreeMap<(QueueKey, u64), Option<Bytes>> = BTreeMap::new();
         let mut headers: BTreeMap<QueueKey, Vec<(u64, Header)>> = BTreeMap::new();
         for (table, k, v) in rows {
             let Some(rest) = k.strip_prefix(&prefix) else {
@@ -391,7 +414,7 @@ impl GroupState {
             if table == Table::Messages {
                 match parse_message_key(k, rest)? {
                     (key, seq, TAG_BODY) => {
-                        bodies.insert((key, seq), v.to_vec());
+                        bodies.insert((key, seq), load_bodies.then(|| Bytes::copy_from_slice(v)));
                     }
                     (key, seq, TAG_HEADER) => {
                         headers.entry(key).or_default().push((seq, decode(k, v)?));
@@ -471,7 +494,7 @@ impl GroupState {
                 q.messages.insert(
                     seq,
                     Message {
-                        body: Bytes::from(body),
+                        body,
                         enqueue_ms: h.enqueue_ms,
                         visible_ms: h.visible_ms,
                         dequeue_count: h.dequeue_count,

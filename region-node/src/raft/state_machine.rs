@@ -8,7 +8,8 @@
 //! row at all. A snapshot is a RocksDB checkpoint: the flush it makes turns the rows durable, and
 //! its copy is what a lagging follower is sent, so logs are only purged up to a state on disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{Stream, StreamExt};
@@ -18,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::{Entry, LogId, Membership, Snapshot, SnapshotMeta, TypeConfig};
-use crate::command::{Op, OpResult, QueueKey};
-use crate::queue::{group_rows, GroupState, RowOp, Table, TAG_APPLIED};
+use crate::command::{Delivered, Op, OpResult, QueueKey};
+use crate::queue::{body_key, group_rows, BodySource, GroupState, RowOp, Table, TAG_APPLIED};
 use crate::storage::{
     group_key, run_blocking, Durability, LogJob, LogOp, StorageEngine, CF_SNAPSHOT,
     CF_STATE_GROUPS, CF_STATE_MESSAGES,
@@ -101,6 +102,47 @@ pub struct SharedState {
     snapshot_store: Mutex<()>,
     /// Commands applied and body bytes sent since state rows were last written.
     unwritten: Mutex<(u64, u64)>,
+    /// Bodies written to rows, to drop from memory once the write is done.
+    eviction: Mutex<Eviction>,
+}
+
+/// Message bodies that writes of rows carry, dropped from the in-memory state once their write
+/// is done (the next write of rows does it): from then on a receive or a dead-letter move reads
+/// the body row, so a backlog of messages costs memory for their headers only.
+#[derive(Debug, Default)]
+struct Eviction {
+    /// Number of the next write of rows (from 1).
+    next: u64,
+    /// Every write of rows up to this number is done. A failed write stops it for good: the
+    /// bodies it carried, and any after, stay in memory.
+    done: Arc<AtomicU64>,
+    /// The messages whose bodies each write not yet known to be done carries.
+    pending: VecDeque<(u64, Vec<(QueueKey, u64)>)>,
+    /// Bodies dropped from memory since start.
+    evicted: u64,
+}
+
+impl Eviction {
+    /// Drops from `state` the bodies of writes that are done.
+    fn evict_written(&mut self, state: &mut GroupState) {
+        let done = self.done.load(Ordering::Acquire);
+        while self.pending.front().is_some_and(|(n, _)| *n <= done) {
+            let (_, written) = self.pending.pop_front().expect("just looked");
+            for (key, seq) in written {
+                // Sequence numbers are never reused: if the message is there, it is the one
+                // whose body that write carried.
+                if let Some(m) = state
+                    .queues
+                    .get_mut(&key)
+                    .and_then(|q| q.messages.get_mut(&seq))
+                {
+                    if m.body.take().is_some() {
+                        self.evicted += 1;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl SharedState {
@@ -111,6 +153,11 @@ impl SharedState {
         let bytes = bincode::serialize(&*state).expect("state is serialisable");
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
         (applied, hex::encode(d.as_ref()))
+    }
+
+    /// Message bodies dropped from memory since start, their rows being written.
+    pub fn bodies_evicted(&self) -> u64 {
+        self.eviction.lock().expect("eviction lock").evicted
     }
 
     /// The index of the last entry applied (0 before any).
@@ -251,14 +298,35 @@ fn applied_of_rows(group: u32, rows: &[Row]) -> StResult<Applied> {
     }
 }
 
-/// The state and applied position that `rows` (one group's, each table's ascending) hold.
-fn state_of_rows(group: u32, data_groups: u32, rows: &[Row]) -> StResult<(GroupState, Applied)> {
+/// The state and applied position that `rows` (one group's, each table's ascending) hold; the
+/// message bodies stay in the rows, which `engine` reads.
+fn state_of_rows(
+    group: u32,
+    data_groups: u32,
+    rows: &[Row],
+    engine: &Arc<dyn StorageEngine>,
+) -> StResult<(GroupState, Applied)> {
     let applied = applied_of_rows(group, rows)?;
     let borrowed = rows
         .iter()
         .map(|(t, k, v)| (*t, k.as_slice(), v.as_slice()));
-    let state = GroupState::from_rows(group, data_groups, borrowed).map_err(|e| sm_err(&e))?;
+    let mut state =
+        GroupState::from_rows(group, data_groups, borrowed, false).map_err(|e| sm_err(&e))?;
+    state.bodies = body_source(group, engine.clone());
     Ok((state, applied))
+}
+
+/// Reads the body rows of `group` from `engine`'s live state.
+fn body_source(group: u32, engine: Arc<dyn StorageEngine>) -> BodySource {
+    BodySource::new(move |key, seq| {
+        match engine.get(CF_STATE_MESSAGES, &body_key(group, key, seq)) {
+            Ok(body) => body.map(Into::into),
+            Err(e) => {
+                tracing::error!(group, queue = %key.name, seq, "reading a message body row: {e}");
+                None
+            }
+        }
+    })
 }
 
 type Applied = (Option<LogId>, Membership);
@@ -268,7 +336,8 @@ impl StateMachineStore {
     /// snapshot record names (left by a crash between making one and recording it).
     pub fn open(group: u32, data_groups: u32, engine: Arc<dyn StorageEngine>) -> StResult<Self> {
         let rows = scan_group(&*engine, group, None).map_err(|e| sm_err(&e))?;
-        let (state, applied) = state_of_rows(group, data_groups, &rows)?;
+        let (state, applied) = state_of_rows(group, data_groups, &rows, &engine)?;
+        drop(rows);
         let store = Self {
             group,
             data_groups,
@@ -280,6 +349,10 @@ impl StateMachineStore {
                 snapshots_installed: Default::default(),
                 snapshot_store: Mutex::new(()),
                 unwritten: Mutex::new((0, 0)),
+                eviction: Mutex::new(Eviction {
+                    next: 1,
+                    ..Default::default()
+                }),
             }),
         };
         let current = store.load_record()?.map(|r| r.checkpoint);
@@ -469,6 +542,39 @@ impl StateMachineStore {
         Ok(results)
     }
 
+    /// Fills in the bodies of `messages`, just received from queue `key`, that are only in the
+    /// rows. A message whose row is gone (it expired or its queue was deleted since the
+    /// receive) is left out.
+    pub fn read_bodies(&self, key: &QueueKey, messages: &mut Vec<Delivered>) -> StResult<()> {
+        if !messages.iter().any(|m| m.body_in_rows) {
+            return Ok(());
+        }
+        let keys: Vec<Option<Vec<u8>>> = messages
+            .iter()
+            .map(|m| m.body_in_rows.then(|| body_key(self.group, key, m.seq)))
+            .collect();
+        // Inline on a current-thread runtime (the simulation's, which must replay exactly).
+        let read = run_blocking(|| {
+            keys.into_iter()
+                .map(|k| match k {
+                    Some(k) => self.engine.get(CF_STATE_MESSAGES, &k).map(Some),
+                    None => Ok(None),
+                })
+                .collect::<StResult<Vec<Option<Option<Vec<u8>>>>>>()
+        })?;
+        let mut read = read.into_iter();
+        messages.retain_mut(|m| match read.next().flatten() {
+            None => true,
+            Some(Some(body)) => {
+                m.body = body;
+                m.body_in_rows = false;
+                true
+            }
+            Some(None) => false,
+        });
+        Ok(())
+    }
+
     /// Writes the rows changed since they were last written, if any (a snapshot does this
     /// first; so may a graceful stop, to shorten the next start's replay).
     pub fn write_pending_rows(&self) -> StResult<()> {
@@ -501,16 +607,33 @@ impl StateMachineStore {
             applied_key(self.group),
             bincode::serialize(applied).map_err(|e| sm_err(&e))?.into(),
         )];
-        state.drain_changes(&mut rows);
+        let mut eviction = self.shared.eviction.lock().expect("eviction lock");
+        eviction.evict_written(state);
+        let mut bodies = Vec::new();
+        state.drain_changes_noting_bodies(&mut rows, &mut bodies);
         *unwritten = (0, 0);
+        let number = eviction.next;
+        eviction.next += 1;
+        if !bodies.is_empty() {
+            eviction.pending.push_back((number, bodies));
+        }
+        let done = eviction.done.clone();
         let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
         self.engine.submit(LogJob {
             ops,
             durability: Durability::Unlogged,
-            done: Box::new(|r| {
-                if let Err(e) = r {
-                    tracing::error!("writing state rows: {e}");
+            done: Box::new(move |r| match r {
+                // The writer completes jobs in submission order, so this is the next number
+                // unless an earlier write failed.
+                Ok(()) => {
+                    let _ = done.compare_exchange(
+                        number - 1,
+                        number,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
                 }
+                Err(e) => tracing::error!("writing state rows: {e}"),
             }),
         });
         Ok(())
@@ -591,7 +714,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         ));
         rows.sort();
         // Parsed before anything is replaced: a bad snapshot leaves the group as it was.
-        let (state, _) = state_of_rows(self.group, self.data_groups, &rows)?;
+        let (state, _) = state_of_rows(self.group, self.data_groups, &rows, &self.engine)?;
         let mut ops: Vec<LogOp> = TABLES
             .iter()
             .map(|&t| LogOp::DeleteRange {
@@ -613,8 +736,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut a = self.shared.applied.write().expect("applied lock");
             *s = state;
             *a = applied;
-            // What the replaced state had not written is gone with it.
+            // What the replaced state had not written is gone with it, and its bodies are
+            // all in the rows just written.
             *self.shared.unwritten.lock().expect("unwritten lock") = (0, 0);
+            self.shared
+                .eviction
+                .lock()
+                .expect("eviction lock")
+                .pending
+                .clear();
         }
         // This node's own checkpoint of what it installed, to serve as its current snapshot.
         run_blocking(|| self.take_snapshot())?;
@@ -641,6 +771,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 mod tests {
     use meridian_api::limits::QueueAttributes;
     use openraft::EntryPayload;
+
+    use bytes::Bytes;
 
     use super::*;
     use crate::command::{Command, CommandBatch, Receipt};
@@ -737,6 +869,119 @@ mod tests {
         drop((sm, engine));
         let (_engine, sm) = open(a.path());
         assert_eq!(sm.shared.digest(), before);
+    }
+
+    /// The bodies of `key`'s messages that are still in memory, by sequence number.
+    fn bodies_in_memory(sm: &StateMachineStore, key: &QueueKey) -> Vec<(u64, Option<Bytes>)> {
+        let state = sm.shared.state.read().unwrap();
+        state.queues[key]
+            .messages
+            .iter()
+            .map(|(&seq, m)| (seq, m.body.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn bodies_leave_memory_once_written_and_are_read_from_the_rows() {
+        let a = tempfile::tempdir().unwrap();
+        let (_engine, sm) = open(a.path());
+        let dlq = QueueKey::new("", "dlq");
+        let attrs = QueueAttributes {
+            dead_letter_policy: Some(meridian_api::limits::DeadLetterPolicy {
+                dead_letter_queue: "dlq".into(),
+                policy: meridian_api::limits::DeadLetterTrigger::MaxReceiveCount(1),
+            }),
+            ..Default::default()
+        };
+        let create = |name: &str, attrs: QueueAttributes| Op::CreateQueue {
+            tenant: "".into(),
+            name: name.into(),
+            attrs,
+        };
+        sm.apply_entries(vec![
+            entry(1, vec![create("dlq", QueueAttributes::default())]),
+            entry(2, vec![create("q", attrs)]),
+            entry(3, vec![send(3)]),
+        ])
+        .unwrap();
+        // Written once: the bodies are in the rows, but that write is not known done yet.
+        sm.persist_pending_rows().await.unwrap();
+        assert!(bodies_in_memory(&sm, &key())
+            .iter()
+            .all(|(_, b)| b.is_some()));
+        // The next write finds the first done and drops its bodies.
+        sm.apply_entries(vec![entry(4, vec![send(1)])]).unwrap();
+        sm.persist_pending_rows().await.unwrap();
+        let bodies = bodies_in_memory(&sm, &key());
+        assert_eq!(
+            bodies.iter().map(|(_, b)| b.is_some()).collect::<Vec<_>>(),
+            [false, false, false, true],
+            "{bodies:?}"
+        );
+        assert_eq!(sm.shared.bodies_evicted(), 3);
+
+        // A receive names the bodies in the rows; the leader answering it reads them.
+        let results = sm
+            .apply_entries(vec![entry(5, vec![Op::Receive { key: key(), max: 2 }])])
+            .unwrap();
+        let OpResult::Received { messages, .. } = &results[0][0] else {
+            panic!("{results:?}");
+        };
+        let mut messages = messages.clone();
+        assert!(messages.iter().all(|m| m.body_in_rows && m.body.is_empty()));
+        sm.read_bodies(&key(), &mut messages).unwrap();
+        let read: Vec<&[u8]> = messages.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(read, [b"body 0".as_slice(), b"body 1"]);
+        assert!(messages.iter().all(|m| !m.body_in_rows));
+
+        // Visible again after the visibility timeout, received once already: the next receive
+        // moves both to the dead-letter queue, which gets their bodies from the rows.
+        let later = 5 + i64::from(QueueAttributes::default().visibility_timeout) as u64 * 1000;
+        let results = sm
+            .apply_entries(vec![entry(
+                later,
+                vec![Op::Receive {
+                    key: dlq.clone(),
+                    max: 16,
+                }],
+            )])
+            .unwrap();
+        assert!(
+            matches!(&results[0][0], OpResult::Received { messages, .. } if messages.is_empty()),
+            "moved by the source queue's housekeeping, not yet: {results:?}"
+        );
+        let results = sm
+            .apply_entries(vec![
+                entry(
+                    later + 1,
+                    vec![Op::Receive {
+                        key: key(),
+                        max: 16,
+                    }],
+                ),
+                entry(
+                    later + 2,
+                    vec![Op::Receive {
+                        key: dlq.clone(),
+                        max: 16,
+                    }],
+                ),
+            ])
+            .unwrap();
+        let OpResult::Received { messages, .. } = &results[1][0] else {
+            panic!("{results:?}");
+        };
+        let moved: Vec<&[u8]> = messages.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(moved, [b"body 0".as_slice(), b"body 1"]);
+
+        // A row gone by the time the leader reads it (the queue deleted since): left out.
+        let mut gone = vec![Delivered {
+            body_in_rows: true,
+            seq: 999,
+            ..messages[0].clone()
+        }];
+        sm.read_bodies(&key(), &mut gone).unwrap();
+        assert!(gone.is_empty());
     }
 
     #[tokio::test]

@@ -50,7 +50,7 @@ fn borrowed(table: &Rows) -> impl Iterator<Item = (Table, &[u8], &[u8])> {
 fn reload(table: &Rows) -> GroupState {
     let (from, to) = group_rows(1);
     let rows = borrowed(table).filter(|(_, k, _)| *k >= from.as_slice() && *k < to.as_slice());
-    GroupState::from_rows(1, 2, rows).expect("rows parse")
+    GroupState::from_rows(1, 2, rows, true).expect("rows parse")
 }
 
 #[derive(Debug, Clone)]
@@ -272,7 +272,7 @@ fn a_malformed_row_is_an_error_not_a_panic() {
         // Bodies are raw bytes: any value is a valid body.
         if !is_body {
             assert!(
-                GroupState::from_rows(1, 2, borrowed(&broken)).is_err(),
+                GroupState::from_rows(1, 2, borrowed(&broken), true).is_err(),
                 "{}",
                 hex::encode(&k)
             );
@@ -280,11 +280,14 @@ fn a_malformed_row_is_an_error_not_a_panic() {
         let mut missing = table.clone();
         missing.remove(&(t, k.clone()));
         if is_body || (t == Table::Group && k[4] == b'q') {
-            assert!(
-                GroupState::from_rows(1, 2, borrowed(&missing)).is_err(),
-                "{}",
-                hex::encode(&k)
-            );
+            // Also when bodies stay in the rows: every header's body row must be there.
+            for load_bodies in [true, false] {
+                assert!(
+                    GroupState::from_rows(1, 2, borrowed(&missing), load_bodies).is_err(),
+                    "{}",
+                    hex::encode(&k)
+                );
+            }
         }
     }
     // Keys as broken as values: a message row short of its sequence number, or of a tag
@@ -300,7 +303,7 @@ fn a_malformed_row_is_an_error_not_a_panic() {
         let mut broken = table.clone();
         broken.insert((Table::Messages, bad.clone()), b"x".to_vec());
         assert!(
-            GroupState::from_rows(1, 2, borrowed(&broken)).is_err(),
+            GroupState::from_rows(1, 2, borrowed(&broken), true).is_err(),
             "{}",
             hex::encode(&bad)
         );
