@@ -55,6 +55,10 @@ pub struct NodeConfig {
     pub faults: FaultsConfig,
 }
 
+/// Upper bound of `[storage] cached_bodies_mib` (1 TiB): beyond any machine's memory, so a
+/// typo in units is refused instead of disabling the bound.
+pub const MAX_CACHED_BODIES_MIB: u64 = 1 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
@@ -77,6 +81,12 @@ pub struct StorageConfig {
     /// thousand 1 KiB messages per second, log and state together), or writes stall behind
     /// flushes.
     pub flush_rate_mib_per_s: u64,
+    /// Message bodies (MiB, the node's groups together) kept in memory after their state rows
+    /// are written, the most recently written first. A receive of a message whose body is no
+    /// longer in memory reads its row, so this bounds what a backlog (consumers down, producers
+    /// not) costs in memory, at the price of a read per message consumed from beyond it. Bodies
+    /// not yet in the rows (at most about 1 MiB per group) always stay.
+    pub cached_bodies_mib: u64,
 }
 
 impl Default for StorageConfig {
@@ -85,6 +95,7 @@ impl Default for StorageConfig {
             min_free_mib: 256,
             write_buffer_mib: 128,
             flush_rate_mib_per_s: 0,
+            cached_bodies_mib: 64,
         }
     }
 }
@@ -287,6 +298,12 @@ impl NodeConfig {
                 st.write_buffer_mib
             ));
         }
+        if st.cached_bodies_mib > MAX_CACHED_BODIES_MIB {
+            return bad(format!(
+                "storage.cached_bodies_mib = {} must be at most {MAX_CACHED_BODIES_MIB}",
+                st.cached_bodies_mib
+            ));
+        }
         if st.flush_rate_mib_per_s != 0 && st.flush_rate_mib_per_s < 8 {
             return bad(format!(
                 "storage.flush_rate_mib_per_s = {} would stall writes behind flushes: use 0 \
@@ -379,6 +396,12 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("worker_threads"), "{e}");
         c.worker_threads = 1;
+        assert!(c.validate().is_ok());
+        let mut c = sample();
+        c.storage.cached_bodies_mib = MAX_CACHED_BODIES_MIB + 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cached_bodies_mib"), "{e}");
+        c.storage.cached_bodies_mib = 0;
         assert!(c.validate().is_ok());
     }
 }

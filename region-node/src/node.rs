@@ -298,7 +298,10 @@ impl RegionNode {
         for id in 0..=config.data_groups {
             let log = LogStore::new(id, engine.clone());
             let log_bytes = log.appended_bytes();
-            let sm = StateMachineStore::open(id, config.data_groups, engine.clone())
+            // The node's groups share the body cache evenly.
+            let cached_bodies =
+                (config.storage.cached_bodies_mib << 20) / (u64::from(config.data_groups) + 1);
+            let sm = StateMachineStore::open(id, config.data_groups, engine.clone(), cached_bodies)
                 .map_err(|e| NodeError::Storage(e.to_string()))?;
             let shared = sm.shared.clone();
             let sm_handle = sm.clone();

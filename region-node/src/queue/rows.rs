@@ -243,11 +243,11 @@ impl GroupState {
     }
 
     /// [`drain_changes`](Self::drain_changes), also listing in `bodies` the messages whose
-    /// body rows it writes.
+    /// body rows it writes, with their sizes.
     pub fn drain_changes_noting_bodies(
         &mut self,
         out: &mut Vec<RowOp>,
-        bodies: &mut Vec<(QueueKey, u64)>,
+        bodies: &mut Vec<(QueueKey, u64, usize)>,
     ) {
         let start = out.len();
         self.drain_unordered(out, bodies);
@@ -264,7 +264,7 @@ impl GroupState {
         );
     }
 
-    fn drain_unordered(&mut self, out: &mut Vec<RowOp>, bodies: &mut Vec<(QueueKey, u64)>) {
+    fn drain_unordered(&mut self, out: &mut Vec<RowOp>, bodies: &mut Vec<(QueueKey, u64, usize)>) {
         let g = self.group;
         // Sized once: up to a header and a body row per message changed since the last batch
         // (sent, received or deleted), a row per changed queue or topic, two per removed
@@ -328,7 +328,7 @@ impl GroupState {
                                 message_key(g, key, seq, TAG_BODY),
                                 body.clone(),
                             ));
-                            bodies.push((key.clone(), seq));
+                            bodies.push((key.clone(), seq, body.len()));
                         }
                     }
                     None => {

@@ -107,27 +107,40 @@ pub struct SharedState {
 }
 
 /// Message bodies that writes of rows carry, dropped from the in-memory state once their write
-/// is done (the next write of rows does it): from then on a receive or a dead-letter move reads
-/// the body row, so a backlog of messages costs memory for their headers only.
+/// is done and later writes carried more than the cache holds (a write of rows does it): from
+/// then on a receive or a dead-letter move reads the body row, so a backlog of messages costs
+/// memory for their headers and the cache only.
 #[derive(Debug, Default)]
 struct Eviction {
+    /// Body bytes of the writes not yet dropped that may stay in memory
+    /// (`[storage] cached_bodies_mib`, this group's share).
+    cache_bytes: u64,
+    /// Body bytes the writes in `pending` carried (some of those messages may be gone since).
+    pending_bytes: u64,
     /// Number of the next write of rows (from 1).
     next: u64,
     /// Every write of rows up to this number is done. A failed write stops it for good: the
     /// bodies it carried, and any after, stay in memory.
     done: Arc<AtomicU64>,
-    /// The messages whose bodies each write not yet known to be done carries.
-    pending: VecDeque<(u64, Vec<(QueueKey, u64)>)>,
+    /// The bodies each write carried, oldest first, until dropped.
+    pending: VecDeque<WrittenBodies>,
     /// Bodies dropped from memory since start.
     evicted: u64,
 }
 
+/// The messages whose bodies one write of rows carried: its number, their bytes, and which.
+type WrittenBodies = (u64, u64, Vec<(QueueKey, u64)>);
+
 impl Eviction {
-    /// Drops from `state` the bodies of writes that are done.
+    /// Drops from `state` the bodies of the oldest writes that are done, while the writes
+    /// carried more than the cache holds.
     fn evict_written(&mut self, state: &mut GroupState) {
         let done = self.done.load(Ordering::Acquire);
-        while self.pending.front().is_some_and(|(n, _)| *n <= done) {
-            let (_, written) = self.pending.pop_front().expect("just looked");
+        while self.pending_bytes > self.cache_bytes
+            && self.pending.front().is_some_and(|(n, ..)| *n <= done)
+        {
+            let (_, bytes, written) = self.pending.pop_front().expect("just looked");
+            self.pending_bytes -= bytes;
             for (key, seq) in written {
                 // Sequence numbers are never reused: if the message is there, it is the one
                 // whose body that write carried.
@@ -334,7 +347,13 @@ type Applied = (Option<LogId>, Membership);
 impl StateMachineStore {
     /// Opens the group's state machine from its rows, and drops checkpoints of it that no
     /// snapshot record names (left by a crash between making one and recording it).
-    pub fn open(group: u32, data_groups: u32, engine: Arc<dyn StorageEngine>) -> StResult<Self> {
+    /// Up to `cached_bodies` bytes of message bodies whose rows are written stay in memory.
+    pub fn open(
+        group: u32,
+        data_groups: u32,
+        engine: Arc<dyn StorageEngine>,
+        cached_bodies: u64,
+    ) -> StResult<Self> {
         let rows = scan_group(&*engine, group, None).map_err(|e| sm_err(&e))?;
         let (state, applied) = state_of_rows(group, data_groups, &rows, &engine)?;
         drop(rows);
@@ -351,6 +370,7 @@ impl StateMachineStore {
                 unwritten: Mutex::new((0, 0)),
                 eviction: Mutex::new(Eviction {
                     next: 1,
+                    cache_bytes: cached_bodies,
                     ..Default::default()
                 }),
             }),
@@ -615,7 +635,13 @@ impl StateMachineStore {
         let number = eviction.next;
         eviction.next += 1;
         if !bodies.is_empty() {
-            eviction.pending.push_back((number, bodies));
+            let bytes = bodies.iter().map(|&(.., len)| len as u64).sum();
+            eviction.pending_bytes += bytes;
+            eviction.pending.push_back((
+                number,
+                bytes,
+                bodies.into_iter().map(|(k, s, _)| (k, s)).collect(),
+            ));
         }
         let done = eviction.done.clone();
         let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
@@ -739,12 +765,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // What the replaced state had not written is gone with it, and its bodies are
             // all in the rows just written.
             *self.shared.unwritten.lock().expect("unwritten lock") = (0, 0);
-            self.shared
-                .eviction
-                .lock()
-                .expect("eviction lock")
-                .pending
-                .clear();
+            let mut eviction = self.shared.eviction.lock().expect("eviction lock");
+            eviction.pending.clear();
+            eviction.pending_bytes = 0;
         }
         // This node's own checkpoint of what it installed, to serve as its current snapshot.
         run_blocking(|| self.take_snapshot())?;
@@ -818,9 +841,17 @@ mod tests {
             .unwrap()
     }
 
+    /// A state machine that keeps no written body in memory.
     fn open(dir: &std::path::Path) -> (Arc<dyn StorageEngine>, StateMachineStore) {
+        open_caching(dir, 0)
+    }
+
+    fn open_caching(
+        dir: &std::path::Path,
+        cached_bodies: u64,
+    ) -> (Arc<dyn StorageEngine>, StateMachineStore) {
         let engine: Arc<dyn StorageEngine> = Arc::new(Engine::open_unreserved(dir).unwrap());
-        let sm = StateMachineStore::open(1, 1, engine.clone()).unwrap();
+        let sm = StateMachineStore::open(1, 1, engine.clone(), cached_bodies).unwrap();
         (engine, sm)
     }
 
@@ -982,6 +1013,38 @@ mod tests {
         }];
         sm.read_bodies(&key(), &mut gone).unwrap();
         assert!(gone.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_most_recently_written_bodies_stay_in_memory_up_to_the_cache() {
+        let a = tempfile::tempdir().unwrap();
+        // Exactly the three 6-byte bodies of the first write.
+        let (_engine, sm) = open_caching(a.path(), 18);
+        let create = Op::CreateQueue {
+            tenant: "".into(),
+            name: "q".into(),
+            attrs: QueueAttributes::default(),
+        };
+        sm.apply_entries(vec![entry(1, vec![create]), entry(2, vec![send(3)])])
+            .unwrap();
+        sm.persist_pending_rows().await.unwrap();
+        sm.apply_entries(vec![entry(3, vec![send(1)])]).unwrap();
+        sm.persist_pending_rows().await.unwrap();
+        let in_memory = |sm: &StateMachineStore| {
+            bodies_in_memory(sm, &key())
+                .iter()
+                .map(|(_, b)| b.is_some())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            in_memory(&sm),
+            [true; 4],
+            "18 bytes written before: all cached"
+        );
+        // 24 bytes written: the oldest write goes, the newest stays.
+        sm.persist_pending_rows().await.unwrap();
+        assert_eq!(in_memory(&sm), [false, false, false, true]);
+        assert_eq!(sm.shared.bodies_evicted(), 3);
     }
 
     #[tokio::test]

@@ -848,6 +848,7 @@ mod tests {
             min_free_mib: 0,
             write_buffer_mib: 1,
             flush_rate_mib_per_s: 8,
+            ..StorageConfig::default()
         };
         let body = vec![7u8; 4096];
         {
