@@ -346,3 +346,55 @@ async fn appends_to_followers_are_pipelined() {
     check(&history, &delivered, &deleted);
     region.kill(leader);
 }
+
+/// With no body cache (`cached_bodies_mib = 0`), every body whose state row is written leaves
+/// memory: a backlog of about 6 MiB is then consumed from the rows, by a new leader after the
+/// old one is SIGKILLed, and every acknowledged body comes back intact, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_beyond_the_body_cache_is_read_back_from_the_rows() {
+    let mut region = Region::start_configured(3, 1, |c| c.storage.cached_bodies_mib = 0).await;
+    let mut c = region.client(1).await;
+    create_queue(&mut c, "ledger").await;
+    let group = queue_group(&region, "ledger").await;
+    let leader = region.leader_of(group).await;
+    let mut c = region.client(leader).await;
+    let mut history = History::default();
+    // State rows are written after every MiB of bodies: this backlog spans several writes.
+    for b in 0..96 {
+        let bodies: Vec<String> = (0..16)
+            .map(|i| format!("{b}-{i}-{}", "x".repeat(4096)))
+            .collect();
+        let ids = c
+            .batch_send_message(BatchSendMessageRequest {
+                queue_name: "ledger".into(),
+                msg_body: bodies.iter().map(|b| b.clone().into_bytes()).collect(),
+                delay_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .msg_id;
+        assert_eq!(ids.len(), bodies.len());
+        history.acked.extend(ids.into_iter().zip(bodies));
+    }
+    let scraped = meridian_tests::RawHttp::connect(&region.http_addr(leader))
+        .request("GET", "/metrics", b"")
+        .1;
+    let evicted = scraped
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "meridian_state_bodies_evicted_total{{node=\"{leader}\",group=\"{group}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no evicted bodies metric for group {group}:\n{scraped}"));
+    assert!(evicted > 0.0, "no body left memory:\n{scraped}");
+
+    region.kill(leader);
+    let new_leader = region.leader_of(group).await;
+    assert_ne!(new_leader, leader);
+    let (delivered, deleted) = region.drain("ledger", history.acked.len()).await;
+    check(&history, &delivered, &deleted);
+}
