@@ -213,7 +213,6 @@ pub struct Delivered {
     pub body: Vec<u8>,
     /// The body is not in `body` but in the state rows, still to be read
     /// (`StateMachineStore::read_bodies`).
-    #[serde(default)]
     pub body_in_rows: bool,
     pub enqueue_ms: i64,
     pub first_dequeue_ms: i64,

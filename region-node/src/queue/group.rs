@@ -495,15 +495,15 @@ impl GroupState {
         }
         for (seq, body) in moved {
             // Read while its row is still there: the removal reaches the rows only with the
-            // next write of them, after this apply. Every replica reads the same bytes.
+            // next write of them, after this apply. Every replica reads the same bytes; one
+            // that cannot must not go on with a state the others do not have.
             let Some(body) = body.or_else(|| self.bodies.read(key, seq)) else {
-                tracing::error!(
-                    group = self.group,
-                    queue = %key.name,
-                    seq,
-                    "the body row of a dead-lettered message is missing; it is not moved"
+                panic!(
+                    "group {}: the body row of message {seq} of queue {:?}, being dead-lettered, \
+                     is missing or unreadable. This node's state rows are damaged: stop it, \
+                     delete its data directory and start it again to resync from its peers",
+                    self.group, key.name
                 );
-                continue;
             };
             self.route_to_queue(&dlq, body, now);
         }

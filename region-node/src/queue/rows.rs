@@ -243,14 +243,14 @@ impl GroupState {
     }
 
     /// [`drain_changes`](Self::drain_changes), also listing in `bodies` the messages whose
-    /// body rows it writes, with their sizes.
+    /// body rows it writes (by queue) and returning their bytes.
     pub fn drain_changes_noting_bodies(
         &mut self,
         out: &mut Vec<RowOp>,
-        bodies: &mut Vec<(QueueKey, u64, usize)>,
-    ) {
+        bodies: &mut Vec<(QueueKey, Vec<u64>)>,
+    ) -> u64 {
         let start = out.len();
-        self.drain_unordered(out, bodies);
+        let bytes = self.drain_unordered(out, bodies);
         // Sorted in place, without the scratch buffer a stable sort allocates: no key occurs
         // twice, so stability changes nothing. Range deletions (of distinct queues, so in any
         // order among themselves) go first.
@@ -262,9 +262,15 @@ impl GroupState {
             out[start..].windows(2).all(|w| rank(&w[0]) != rank(&w[1])),
             "a key changed twice in one batch"
         );
+        bytes
     }
 
-    fn drain_unordered(&mut self, out: &mut Vec<RowOp>, bodies: &mut Vec<(QueueKey, u64, usize)>) {
+    fn drain_unordered(
+        &mut self,
+        out: &mut Vec<RowOp>,
+        bodies: &mut Vec<(QueueKey, Vec<u64>)>,
+    ) -> u64 {
+        let mut body_bytes = 0;
         let g = self.group;
         // Sized once: up to a header and a body row per message changed since the last batch
         // (sent, received or deleted), a row per changed queue or topic, two per removed
@@ -309,6 +315,7 @@ impl GroupState {
                     encode(&meta).into(),
                 ));
             }
+            let mut written = Vec::new();
             for seq in changes.headers {
                 let header_key = message_key(g, key, seq, TAG_HEADER);
                 match q.messages.get(&seq) {
@@ -322,13 +329,15 @@ impl GroupState {
                         };
                         out.push(RowOp::Put(Table::Messages, header_key, encode(&h).into()));
                         // A new body is in memory until its row is written.
+                        debug_assert!(m.body.is_some() || !changes.bodies.contains(&seq));
                         if let (true, Some(body)) = (changes.bodies.contains(&seq), &m.body) {
                             out.push(RowOp::Put(
                                 Table::Messages,
                                 message_key(g, key, seq, TAG_BODY),
                                 body.clone(),
                             ));
-                            bodies.push((key.clone(), seq, body.len()));
+                            written.push(seq);
+                            body_bytes += body.len() as u64;
                         }
                     }
                     None => {
@@ -339,6 +348,9 @@ impl GroupState {
                         ));
                     }
                 }
+            }
+            if !written.is_empty() {
+                bodies.push((key.clone(), written));
             }
         }
         for key in std::mem::take(&mut self.changes.topics) {
@@ -368,6 +380,7 @@ impl GroupState {
             row_key(g, TAG_REST, None),
             encode(&rest).into(),
         ));
+        body_bytes
     }
 
     /// Every row of the state, as a fresh write: what incremental writes must add up to.

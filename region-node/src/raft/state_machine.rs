@@ -115,7 +115,8 @@ struct Eviction {
     /// Body bytes of the writes not yet dropped that may stay in memory
     /// (`[storage] cached_bodies_mib`, this group's share).
     cache_bytes: u64,
-    /// Body bytes the writes in `pending` carried (some of those messages may be gone since).
+    /// Body bytes the writes in `pending` carried (some of those messages may be gone since),
+    /// plus [`PENDING_OVERHEAD`] for each of their entries in `pending`.
     pending_bytes: u64,
     /// Number of the next write of rows (from 1).
     next: u64,
@@ -128,8 +129,13 @@ struct Eviction {
     evicted: u64,
 }
 
-/// The messages whose bodies one write of rows carried: its number, their bytes, and which.
-type WrittenBodies = (u64, u64, Vec<(QueueKey, u64)>);
+/// The messages whose bodies one write of rows carried: its number, their bytes, and which
+/// (by queue).
+type WrittenBodies = (u64, u64, Vec<(QueueKey, Vec<u64>)>);
+
+/// What noting one written body costs in memory (its sequence number in `pending`), counted
+/// against the cache, so that tiny bodies cannot make the bookkeeping outgrow it.
+const PENDING_OVERHEAD: u64 = 8;
 
 impl Eviction {
     /// Drops from `state` the bodies of the oldest writes that are done, while the writes
@@ -141,16 +147,17 @@ impl Eviction {
         {
             let (_, bytes, written) = self.pending.pop_front().expect("just looked");
             self.pending_bytes -= bytes;
-            for (key, seq) in written {
-                // Sequence numbers are never reused: if the message is there, it is the one
-                // whose body that write carried.
-                if let Some(m) = state
-                    .queues
-                    .get_mut(&key)
-                    .and_then(|q| q.messages.get_mut(&seq))
-                {
-                    if m.body.take().is_some() {
-                        self.evicted += 1;
+            for (key, seqs) in written {
+                let Some(q) = state.queues.get_mut(&key) else {
+                    continue;
+                };
+                for seq in seqs {
+                    // Sequence numbers are never reused: if the message is there, it is the
+                    // one whose body that write carried.
+                    if let Some(m) = q.messages.get_mut(&seq) {
+                        if m.body.take().is_some() {
+                            self.evicted += 1;
+                        }
                     }
                 }
             }
@@ -630,18 +637,15 @@ impl StateMachineStore {
         let mut eviction = self.shared.eviction.lock().expect("eviction lock");
         eviction.evict_written(state);
         let mut bodies = Vec::new();
-        state.drain_changes_noting_bodies(&mut rows, &mut bodies);
+        let body_bytes = state.drain_changes_noting_bodies(&mut rows, &mut bodies);
         *unwritten = (0, 0);
         let number = eviction.next;
         eviction.next += 1;
         if !bodies.is_empty() {
-            let bytes = bodies.iter().map(|&(.., len)| len as u64).sum();
+            let count: usize = bodies.iter().map(|(_, seqs)| seqs.len()).sum();
+            let bytes = body_bytes + count as u64 * PENDING_OVERHEAD;
             eviction.pending_bytes += bytes;
-            eviction.pending.push_back((
-                number,
-                bytes,
-                bodies.into_iter().map(|(k, s, _)| (k, s)).collect(),
-            ));
+            eviction.pending.push_back((number, bytes, bodies));
         }
         let done = eviction.done.clone();
         let ops: Vec<LogOp> = rows.into_iter().map(to_log_op).collect();
@@ -1018,8 +1022,8 @@ mod tests {
     #[tokio::test]
     async fn the_most_recently_written_bodies_stay_in_memory_up_to_the_cache() {
         let a = tempfile::tempdir().unwrap();
-        // Exactly the three 6-byte bodies of the first write.
-        let (_engine, sm) = open_caching(a.path(), 18);
+        // Exactly the three 6-byte bodies of the first write, and their bookkeeping.
+        let (_engine, sm) = open_caching(a.path(), 3 * (6 + PENDING_OVERHEAD));
         let create = Op::CreateQueue {
             tenant: "".into(),
             name: "q".into(),
@@ -1039,9 +1043,9 @@ mod tests {
         assert_eq!(
             in_memory(&sm),
             [true; 4],
-            "18 bytes written before: all cached"
+            "the cache's worth written before: all cached"
         );
-        // 24 bytes written: the oldest write goes, the newest stays.
+        // More written since: the oldest write goes, the newest stays.
         sm.persist_pending_rows().await.unwrap();
         assert_eq!(in_memory(&sm), [false, false, false, true]);
         assert_eq!(sm.shared.bodies_evicted(), 3);

@@ -30,7 +30,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use meridian_api::CmqCode;
 use meridian_region_node::clock::Clock;
 use meridian_region_node::command::QueueKey;
-use meridian_region_node::config::{MemberConfig, NodeConfig, RaftConfig};
+use meridian_region_node::config::{MemberConfig, NodeConfig, RaftConfig, StorageConfig};
 use meridian_region_node::node::{RegionNode, Seams};
 use meridian_region_node::placement::group_of;
 use meridian_region_node::raft::NodeId;
@@ -273,7 +273,12 @@ fn node_config(id: NodeId) -> NodeConfig {
         },
         http: Default::default(),
         topics: Default::default(),
-        storage: Default::default(),
+        // No body cache: every written body leaves memory, so receives, dead-letter moves and
+        // snapshots read body rows under faults too.
+        storage: StorageConfig {
+            cached_bodies_mib: 0,
+            ..Default::default()
+        },
         faults: Default::default(),
     }
 }
