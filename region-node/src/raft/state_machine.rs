@@ -104,6 +104,11 @@ pub struct SharedState {
     unwritten: Mutex<(u64, u64)>,
     /// Bodies written to rows, to drop from memory once the write is done.
     eviction: Mutex<Eviction>,
+    /// Set (under the state lock) from queueing an installed snapshot's rows until the state
+    /// they hold replaces the one in memory: rows of the state being replaced (a snapshot
+    /// build's `persist_pending_rows`, which runs in a task of its own) must not be written
+    /// after them, or they would mix into the installed rows.
+    installing: std::sync::atomic::AtomicBool,
 }
 
 /// Message bodies that writes of rows carry, dropped from the in-memory state once their write
@@ -375,6 +380,7 @@ impl StateMachineStore {
                 snapshots_installed: Default::default(),
                 snapshot_store: Mutex::new(()),
                 unwritten: Mutex::new((0, 0)),
+                installing: Default::default(),
                 eviction: Mutex::new(Eviction {
                     next: 1,
                     cache_bytes: cached_bodies,
@@ -479,6 +485,14 @@ impl StateMachineStore {
     /// Writes `ops` behind everything queued before (state rows of earlier applies among
     /// them), synced, and waits for it.
     async fn write_ordered(&self, ops: Vec<LogOp>) -> StResult<()> {
+        written(self.submit_ordered(ops)).await
+    }
+
+    /// Queues `ops` behind everything queued before, synced; the receiver has the outcome.
+    fn submit_ordered(
+        &self,
+        ops: Vec<LogOp>,
+    ) -> tokio::sync::oneshot::Receiver<std::io::Result<()>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.engine.submit(LogJob {
             ops,
@@ -487,10 +501,24 @@ impl StateMachineStore {
                 let _ = tx.send(r);
             }),
         });
-        match rx.await {
-            Ok(r) => r.map_err(|e| sm_err(&e)),
-            Err(_) => Err(sm_err(&std::io::Error::other("log writer stopped"))),
-        }
+        rx
+    }
+}
+
+/// The outcome of a job queued with [`StateMachineStore::submit_ordered`].
+async fn written(rx: tokio::sync::oneshot::Receiver<std::io::Result<()>>) -> StResult<()> {
+    match rx.await {
+        Ok(r) => r.map_err(|e| sm_err(&e)),
+        Err(_) => Err(sm_err(&std::io::Error::other("log writer stopped"))),
+    }
+}
+
+/// Clears [`SharedState::installing`] however an install ends.
+struct Installing<'a>(&'a SharedState);
+
+impl Drop for Installing<'_> {
+    fn drop(&mut self) {
+        self.0.installing.store(false, Ordering::Release);
     }
 }
 
@@ -627,6 +655,10 @@ impl StateMachineStore {
         applied: &Applied,
         unwritten: &mut (u64, u64),
     ) -> StResult<()> {
+        if self.shared.installing.load(Ordering::Acquire) {
+            // Being replaced by an installed snapshot, whose rows are queued already.
+            return Ok(());
+        }
         // No range deletion covers the applied row (they are all of messages), so it may go
         // first.
         let mut rows = vec![RowOp::Put(
@@ -758,7 +790,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             key,
             value: value.into(),
         }));
-        self.write_ordered(ops).await?;
+        let queued = {
+            // Under the state lock, which every write of rows holds: none of the replaced
+            // state's can be queued after these.
+            let _state = self.shared.state.write().expect("state lock");
+            self.shared.installing.store(true, Ordering::Release);
+            self.submit_ordered(ops)
+        };
+        let installing = Installing(&self.shared);
+        written(queued).await?;
         {
             // Both under their locks at once (state, then applied, as everywhere): a reader
             // must never pair the new state with the old applied index.
@@ -773,6 +813,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             eviction.pending.clear();
             eviction.pending_bytes = 0;
         }
+        drop(installing);
         // This node's own checkpoint of what it installed, to serve as its current snapshot.
         run_blocking(|| self.take_snapshot())?;
         self.shared
