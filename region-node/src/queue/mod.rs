@@ -6,7 +6,7 @@ mod rows;
 
 pub use group::{BodySource, Credential, GroupState, OutboxEntry};
 pub use model::{Message, Queue, QueueChanges, QueueCounters};
-pub use rows::{body_key, group_rows, RowError, RowOp, Table, TAG_APPLIED};
+pub use rows::{body_key, group_rows, is_body_key, RowError, RowOp, Table, TAG_APPLIED};
 
 #[cfg(test)]
 mod tests;

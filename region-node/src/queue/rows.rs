@@ -135,6 +135,11 @@ fn message_key(group: u32, key: &QueueKey, seq: u64, tag: u8) -> Vec<u8> {
     k
 }
 
+/// Whether `key`, a key of the [`Table::Messages`] rows, is a body row's.
+pub fn is_body_key(key: &[u8]) -> bool {
+    key.last() == Some(&TAG_BODY)
+}
+
 /// The key of the body row of message `seq` of queue `key` in `group`.
 pub fn body_key(group: u32, key: &QueueKey, seq: u64) -> Vec<u8> {
     message_key(group, key, seq, TAG_BODY)

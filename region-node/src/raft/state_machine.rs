@@ -20,7 +20,9 @@ use tokio::sync::Notify;
 
 use super::{Entry, LogId, Membership, Snapshot, SnapshotMeta, TypeConfig};
 use crate::command::{Delivered, Op, OpResult, QueueKey};
-use crate::queue::{body_key, group_rows, BodySource, GroupState, RowOp, Table, TAG_APPLIED};
+use crate::queue::{
+    body_key, group_rows, is_body_key, BodySource, GroupState, RowOp, Table, TAG_APPLIED,
+};
 use crate::storage::{
     group_key, run_blocking, Durability, LogJob, LogOp, StorageEngine, CF_SNAPSHOT,
     CF_STATE_GROUPS, CF_STATE_MESSAGES,
@@ -272,6 +274,22 @@ fn scan_group(
     Ok(rows)
 }
 
+/// Every row of `group` in the live database, body rows with empty values: what a start needs
+/// (the bodies stay in the rows), without holding a backlog's bodies in memory while it parses.
+fn scan_group_without_bodies(engine: &dyn StorageEngine, group: u32) -> std::io::Result<Vec<Row>> {
+    let (from, to) = group_rows(group);
+    let mut rows = Vec::new();
+    for table in TABLES {
+        let cf = cf_of(table);
+        let kvs = match table {
+            Table::Messages => engine.scan_skipping(cf, &from, &to, &is_body_key)?,
+            Table::Group => engine.scan(cf, &from, &to)?,
+        };
+        rows.extend(kvs.into_iter().map(|(k, v)| (table, k, v)));
+    }
+    Ok(rows)
+}
+
 #[derive(Clone)]
 pub struct StateMachineStore {
     group: u32,
@@ -366,7 +384,7 @@ impl StateMachineStore {
         engine: Arc<dyn StorageEngine>,
         cached_bodies: u64,
     ) -> StResult<Self> {
-        let rows = scan_group(&*engine, group, None).map_err(|e| sm_err(&e))?;
+        let rows = scan_group_without_bodies(&*engine, group).map_err(|e| sm_err(&e))?;
         let (state, applied) = state_of_rows(group, data_groups, &rows, &engine)?;
         drop(rows);
         let store = Self {
