@@ -763,7 +763,7 @@ impl RegionNode {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let res = self
+            let mut res = self
                 .propose(
                     g,
                     Op::Receive {
@@ -772,7 +772,6 @@ impl RegionNode {
                     },
                 )
                 .await?;
-            let mut res = res;
             let OpResult::Received {
                 messages,
                 next_visible_ms,

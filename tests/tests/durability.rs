@@ -57,6 +57,22 @@ async fn queue_group(region: &Region, name: &str) -> u32 {
     .group
 }
 
+/// The value of metric `name` for `group` on node `node`, and everything the node's
+/// `/metrics` served.
+fn group_metric(region: &Region, node: u64, group: u32, name: &str) -> (f64, String) {
+    let scraped = meridian_tests::RawHttp::connect(&region.http_addr(node))
+        .request("GET", "/metrics", b"")
+        .1;
+    let sample = format!("{name}{{node=\"{node}\",group=\"{group}\"}}");
+    let value = scraped
+        .lines()
+        .find(|l| l.starts_with(&sample))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} for group {group}:\n{scraped}"));
+    (value, scraped)
+}
+
 fn check(
     history: &History,
     delivered: &BTreeMap<String, (usize, String)>,
@@ -322,19 +338,12 @@ async fn appends_to_followers_are_pipelined() {
     for t in tasks {
         t.await.unwrap();
     }
-    let scraped = meridian_tests::RawHttp::connect(&region.http_addr(leader))
-        .request("GET", "/metrics", b"")
-        .1;
-    let depth = scraped
-        .lines()
-        .find(|l| {
-            l.starts_with(&format!(
-                "meridian_raft_append_pipeline_depth_max{{node=\"{leader}\",group=\"{group}\"}}"
-            ))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no pipeline depth for group {group}:\n{scraped}"));
+    let (depth, _) = group_metric(
+        &region,
+        leader,
+        group,
+        "meridian_raft_append_pipeline_depth_max",
+    );
     assert!(
         depth >= 2.0,
         "at most {depth} append(s) in flight at once: not pipelined"
@@ -377,19 +386,12 @@ async fn a_backlog_beyond_the_body_cache_is_read_back_from_the_rows() {
         assert_eq!(ids.len(), bodies.len());
         history.acked.extend(ids.into_iter().zip(bodies));
     }
-    let scraped = meridian_tests::RawHttp::connect(&region.http_addr(leader))
-        .request("GET", "/metrics", b"")
-        .1;
-    let evicted = scraped
-        .lines()
-        .find(|l| {
-            l.starts_with(&format!(
-                "meridian_state_bodies_evicted_total{{node=\"{leader}\",group=\"{group}\"}}"
-            ))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no evicted bodies metric for group {group}:\n{scraped}"));
+    let (evicted, scraped) = group_metric(
+        &region,
+        leader,
+        group,
+        "meridian_state_bodies_evicted_total",
+    );
     assert!(evicted > 0.0, "no body left memory:\n{scraped}");
 
     region.kill(leader);

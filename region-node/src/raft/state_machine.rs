@@ -256,34 +256,24 @@ fn cf_of(table: Table) -> &'static str {
 const TABLES: [Table; 2] = [Table::Group, Table::Messages];
 
 /// Every row of `group`, from the live database or (with `checkpoint`) from that checkpoint.
+/// Without `bodies`, body rows of the live database come with empty values: what a start needs
+/// (the bodies stay in the rows), without holding a backlog's bodies while it parses them.
 fn scan_group(
     engine: &dyn StorageEngine,
     group: u32,
     checkpoint: Option<&str>,
+    bodies: bool,
 ) -> std::io::Result<Vec<Row>> {
     let (from, to) = group_rows(group);
     let mut rows = Vec::new();
     for table in TABLES {
         let cf = cf_of(table);
-        let kvs = match checkpoint {
-            Some(name) => engine.scan_checkpoint(name, cf, &from, &to)?,
-            None => engine.scan(cf, &from, &to)?,
-        };
-        rows.extend(kvs.into_iter().map(|(k, v)| (table, k, v)));
-    }
-    Ok(rows)
-}
-
-/// Every row of `group` in the live database, body rows with empty values: what a start needs
-/// (the bodies stay in the rows), without holding a backlog's bodies in memory while it parses.
-fn scan_group_without_bodies(engine: &dyn StorageEngine, group: u32) -> std::io::Result<Vec<Row>> {
-    let (from, to) = group_rows(group);
-    let mut rows = Vec::new();
-    for table in TABLES {
-        let cf = cf_of(table);
-        let kvs = match table {
-            Table::Messages => engine.scan_skipping(cf, &from, &to, &is_body_key)?,
-            Table::Group => engine.scan(cf, &from, &to)?,
+        let kvs = match (checkpoint, table) {
+            (Some(name), _) => engine.scan_checkpoint(name, cf, &from, &to)?,
+            (None, Table::Messages) if !bodies => {
+                engine.scan_skipping(cf, &from, &to, &is_body_key)?
+            }
+            (None, _) => engine.scan(cf, &from, &to)?,
         };
         rows.extend(kvs.into_iter().map(|(k, v)| (table, k, v)));
     }
@@ -359,15 +349,23 @@ fn state_of_rows(
     Ok((state, applied))
 }
 
+/// The body row of message `seq` of queue `key` in `group`, from the live state.
+fn body_row(
+    engine: &dyn StorageEngine,
+    group: u32,
+    key: &QueueKey,
+    seq: u64,
+) -> std::io::Result<Option<Vec<u8>>> {
+    engine.get(CF_STATE_MESSAGES, &body_key(group, key, seq))
+}
+
 /// Reads the body rows of `group` from `engine`'s live state.
 fn body_source(group: u32, engine: Arc<dyn StorageEngine>) -> BodySource {
-    BodySource::new(move |key, seq| {
-        match engine.get(CF_STATE_MESSAGES, &body_key(group, key, seq)) {
-            Ok(body) => body.map(Into::into),
-            Err(e) => {
-                tracing::error!(group, queue = %key.name, seq, "reading a message body row: {e}");
-                None
-            }
+    BodySource::new(move |key, seq| match body_row(&*engine, group, key, seq) {
+        Ok(body) => body.map(Into::into),
+        Err(e) => {
+            tracing::error!(group, queue = %key.name, seq, "reading a message body row: {e}");
+            None
         }
     })
 }
@@ -384,7 +382,7 @@ impl StateMachineStore {
         engine: Arc<dyn StorageEngine>,
         cached_bodies: u64,
     ) -> StResult<Self> {
-        let rows = scan_group_without_bodies(&*engine, group).map_err(|e| sm_err(&e))?;
+        let rows = scan_group(&*engine, group, None, false).map_err(|e| sm_err(&e))?;
         let (state, applied) = state_of_rows(group, data_groups, &rows, &engine)?;
         drop(rows);
         let store = Self {
@@ -496,7 +494,8 @@ impl StateMachineStore {
                 "checkpoint {name} was replaced by a newer snapshot"
             )));
         }
-        let rows = scan_group(&*self.engine, self.group, Some(name)).map_err(|e| snap_err(&e))?;
+        let rows =
+            scan_group(&*self.engine, self.group, Some(name), true).map_err(|e| snap_err(&e))?;
         encode_rows(rows)
     }
 
@@ -622,30 +621,28 @@ impl StateMachineStore {
         if !messages.iter().any(|m| m.body_in_rows) {
             return Ok(());
         }
-        let keys: Vec<Option<Vec<u8>>> = messages
-            .iter()
-            .map(|m| m.body_in_rows.then(|| body_key(self.group, key, m.seq)))
-            .collect();
         // Inline on a current-thread runtime (the simulation's, which must replay exactly).
-        let read = run_blocking(|| {
-            keys.into_iter()
-                .map(|k| match k {
-                    Some(k) => self.engine.get(CF_STATE_MESSAGES, &k).map(Some),
-                    None => Ok(None),
-                })
-                .collect::<StResult<Vec<Option<Option<Vec<u8>>>>>>()
-        })?;
-        let mut read = read.into_iter();
-        messages.retain_mut(|m| match read.next().flatten() {
-            None => true,
-            Some(Some(body)) => {
-                m.body = body;
-                m.body_in_rows = false;
-                true
-            }
-            Some(None) => false,
-        });
-        Ok(())
+        run_blocking(|| {
+            let mut failed = None;
+            messages.retain_mut(|m| {
+                if !m.body_in_rows || failed.is_some() {
+                    return true;
+                }
+                match body_row(&*self.engine, self.group, key, m.seq) {
+                    Ok(Some(body)) => {
+                        m.body = body;
+                        m.body_in_rows = false;
+                        true
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        failed = Some(e);
+                        true
+                    }
+                }
+            });
+            failed.map_or(Ok(()), Err)
+        })
     }
 
     /// Writes the rows changed since they were last written, if any (a snapshot does this
@@ -885,6 +882,14 @@ mod tests {
         QueueKey::new("", "q")
     }
 
+    fn create(name: &str, attrs: QueueAttributes) -> Op {
+        Op::CreateQueue {
+            tenant: "".into(),
+            name: name.into(),
+            attrs,
+        }
+    }
+
     fn send(n: usize) -> Op {
         Op::Send {
             key: key(),
@@ -920,7 +925,7 @@ mod tests {
 
     /// The applied index the group's rows (memtable included) name; 0 before any.
     fn written_index(engine: &Arc<dyn StorageEngine>) -> u64 {
-        let rows = scan_group(&**engine, 1, None).unwrap();
+        let rows = scan_group(&**engine, 1, None, true).unwrap();
         applied_of_rows(1, &rows).unwrap().0.map_or(0, |l| l.index)
     }
 
@@ -928,11 +933,7 @@ mod tests {
     async fn rows_are_written_once_enough_has_changed_or_when_asked() {
         let a = tempfile::tempdir().unwrap();
         let (engine, sm) = open(a.path());
-        let create = Op::CreateQueue {
-            tenant: "".into(),
-            name: "q".into(),
-            attrs: QueueAttributes::default(),
-        };
+        let create = create("q", QueueAttributes::default());
         sm.apply_entries(vec![entry(1, vec![create]), entry(2, vec![send(3)])])
             .unwrap();
         sm.write_ordered(Vec::new()).await.unwrap();
@@ -986,11 +987,6 @@ mod tests {
                 policy: meridian_api::limits::DeadLetterTrigger::MaxReceiveCount(1),
             }),
             ..Default::default()
-        };
-        let create = |name: &str, attrs: QueueAttributes| Op::CreateQueue {
-            tenant: "".into(),
-            name: name.into(),
-            attrs,
         };
         sm.apply_entries(vec![
             entry(1, vec![create("dlq", QueueAttributes::default())]),
@@ -1083,11 +1079,7 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         // Exactly the three 6-byte bodies of the first write, and their bookkeeping.
         let (_engine, sm) = open_caching(a.path(), 3 * (6 + PENDING_OVERHEAD));
-        let create = Op::CreateQueue {
-            tenant: "".into(),
-            name: "q".into(),
-            attrs: QueueAttributes::default(),
-        };
+        let create = create("q", QueueAttributes::default());
         sm.apply_entries(vec![entry(1, vec![create]), entry(2, vec![send(3)])])
             .unwrap();
         sm.persist_pending_rows().await.unwrap();
@@ -1116,14 +1108,7 @@ mod tests {
         let (engine, mut sm) = open(a.path());
         let results = sm
             .apply_entries(vec![
-                entry(
-                    1,
-                    vec![Op::CreateQueue {
-                        tenant: "".into(),
-                        name: "q".into(),
-                        attrs: QueueAttributes::default(),
-                    }],
-                ),
+                entry(1, vec![create("q", QueueAttributes::default())]),
                 entry(2, vec![send(10)]),
                 entry(3, vec![Op::Receive { key: key(), max: 3 }]),
             ])

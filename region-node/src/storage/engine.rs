@@ -434,19 +434,7 @@ impl StorageEngine for Engine {
         from: &[u8],
         to: &[u8],
     ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for item in self
-            .dbs
-            .of(cf)
-            .iterator_cf(self.cf(cf), IteratorMode::From(from, Direction::Forward))
-        {
-            let (k, v) = item.map_err(io_err)?;
-            if &*k >= to {
-                break;
-            }
-            out.push((k.into_vec(), v.into_vec()));
-        }
-        Ok(out)
+        self.scan_skipping(cf, from, to, &|_| false)
     }
 
     fn scan_skipping(
