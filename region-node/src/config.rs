@@ -87,6 +87,10 @@ pub struct StorageConfig {
     /// not) costs in memory, at the price of a read per message consumed from beyond it. Bodies
     /// not yet in the rows (at most about 1 MiB per group) always stay.
     pub cached_bodies_mib: u64,
+    /// Size (MiB) of each Raft log segment file. Segments whose entries are all purged are
+    /// reused, so a sync overwrites blocks already allocated instead of growing a file (which
+    /// costs the file system metadata writes on every sync). Larger segments are reused later.
+    pub log_segment_mib: u64,
 }
 
 impl Default for StorageConfig {
@@ -96,6 +100,7 @@ impl Default for StorageConfig {
             write_buffer_mib: 128,
             flush_rate_mib_per_s: 0,
             cached_bodies_mib: 64,
+            log_segment_mib: 64,
         }
     }
 }
@@ -298,6 +303,19 @@ impl NodeConfig {
                 st.write_buffer_mib
             ));
         }
+        if !(1..=1024).contains(&st.log_segment_mib) {
+            return bad(format!(
+                "storage.log_segment_mib = {} must be 1-1024",
+                st.log_segment_mib
+            ));
+        }
+        if st.min_free_mib != 0 && st.min_free_mib < st.log_segment_mib {
+            return bad(format!(
+                "storage.min_free_mib = {} must be at least storage.log_segment_mib = {} (or 0), \
+                 so a new log segment always finds its space",
+                st.min_free_mib, st.log_segment_mib
+            ));
+        }
         if st.cached_bodies_mib > MAX_CACHED_BODIES_MIB {
             return bad(format!(
                 "storage.cached_bodies_mib = {} must be at most {MAX_CACHED_BODIES_MIB}",
@@ -402,6 +420,14 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("cached_bodies_mib"), "{e}");
         c.storage.cached_bodies_mib = 0;
+        assert!(c.validate().is_ok());
+        c.storage.log_segment_mib = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("log_segment_mib"), "{e}");
+        c.storage.log_segment_mib = 512;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("min_free_mib"), "{e}");
+        c.storage.min_free_mib = 0;
         assert!(c.validate().is_ok());
     }
 }

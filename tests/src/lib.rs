@@ -18,7 +18,7 @@ use meridian_api::pb::{
     ListQueueRequest,
 };
 use meridian_region_node::config::{
-    FaultsConfig, HttpConfig, MemberConfig, NodeConfig, RaftConfig,
+    FaultsConfig, HttpConfig, MemberConfig, NodeConfig, RaftConfig, StorageConfig,
 };
 use tonic::transport::Channel;
 
@@ -231,7 +231,11 @@ impl Region {
                     ..Default::default()
                 },
                 topics: Default::default(),
-                storage: Default::default(),
+                // Small log segments: many regions run at once, each segment preallocated.
+                storage: StorageConfig {
+                    log_segment_mib: 8,
+                    ..Default::default()
+                },
                 faults: FaultsConfig::default(),
             };
             adjust(&mut cfg);

@@ -1,18 +1,18 @@
-//! The node's two RocksDB instances and their group-commit log writer.
+//! The node's Raft log segments, its two RocksDB instances, and their group-commit writer.
 //!
-//! The log database holds the Raft logs, votes and snapshot records; the state database holds
-//! the state machines' rows, and is what a snapshot checkpoints. Apart, a checkpoint flushes
-//! only the state rows: the log's memtable keeps filling, so a purge behind a snapshot deletes
-//! entries that are still in memory, and its flush drops them instead of writing every entry
-//! to a table file as well as the WAL (a third of all the bytes a node wrote under W1).
+//! The Raft logs of all groups, their votes, commit hints and purge points are in the
+//! segments (`segments`): files of our own, reused once their entries are purged, so that a
+//! sync overwrites allocated blocks. The log database holds the snapshot records; the state
+//! database holds the state machines' rows, and is what a snapshot checkpoints.
 //!
 //! Every Raft log mutation (append, truncate, purge) of every group is a job queued to one
-//! writer thread. The writer takes all queued jobs, merges them into one `WriteBatch` per
-//! database (the log's, then the state rows'), writes them with one WAL fsync of the log (two
-//! fsyncs in the rare round that also installs a snapshot), and only then runs each job's
-//! completion: many entries from all groups, one batch, one sync, then every callback. Nothing is reported durable to openraft (and so
-//! nothing is committed or answered) before that fsync returns. The Raft task never blocks on
-//! disk: until the writer has run, a group's `LogStore` serves new entries from memory.
+//! writer thread. The writer takes all queued jobs, writes their log records as one frame of
+//! the segment being written and syncs it once, then writes the rest (the state rows) as one
+//! `WriteBatch` per database, and only then runs each job's completion: many entries from all
+//! groups, one write, one sync, then every callback. Nothing is reported durable to openraft
+//! (and so nothing is committed or answered) before that sync returns. The Raft task never
+//! blocks on disk: until the writer has run, a group's `LogStore` serves new entries from
+//! memory.
 
 use std::io;
 use std::path::Path;
@@ -25,6 +25,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
+use super::segments::{self, Segments};
 use crate::config::StorageConfig;
 use crate::error::NodeError;
 
@@ -49,6 +50,8 @@ pub fn is_state_cf(cf: &str) -> bool {
     STATE_DB_CFS.contains(&cf)
 }
 const STATE_DB_DIR: &str = "state";
+/// The Raft log segments, inside the log database's directory.
+const SEGMENTS_DIR: &str = "raftlog";
 /// Table files in level 0 of the state rows before they are compacted (RocksDB's default: 4).
 const STATE_L0_COMPACTION_TRIGGER: i32 = 16;
 
@@ -201,10 +204,13 @@ pub struct Engine {
     pub metrics: Arc<StorageMetrics>,
 }
 
-/// The node's two databases.
+/// The node's two databases and its Raft log segments.
 #[derive(Clone)]
 struct Dbs {
-    /// Raft logs, votes and snapshot records: every write goes through its WAL.
+    /// The Raft logs and their records (`CF_LOG`, `CF_META`).
+    segments: Arc<Segments>,
+    /// Snapshot records: every write goes through its WAL. (`CF_LOG` and `CF_META` are there
+    /// too, empty: the log moved to the segments, and an earlier node's is imported at start.)
     log: Arc<DB>,
     /// The state rows, mostly unlogged; the database that checkpoints copy.
     state: Arc<DB>,
@@ -325,6 +331,48 @@ fn open_db(
     Ok(db)
 }
 
+/// Opens the Raft log segments beside `log`. The first time, a log an earlier node kept in
+/// `log`'s column families moves into them: written and synced there, then deleted from
+/// RocksDB (a crash in between imports the same rows again at the next start).
+fn open_segments(path: &Path, storage: &StorageConfig, log: &DB) -> Result<Segments, NodeError> {
+    let dir = path.join(SEGMENTS_DIR);
+    let storage_err = |e: &dyn std::fmt::Display| {
+        NodeError::Storage(format!("raft log at {}: {e}", dir.display()))
+    };
+    let opened =
+        Segments::open(&dir, storage.log_segment_mib << 20).map_err(|e| storage_err(&e))?;
+    if !opened.fresh {
+        return Ok(opened.segments);
+    }
+    let mut rows = Vec::new();
+    let mut deletes = WriteBatch::default();
+    for cf in [CF_META, CF_LOG] {
+        let handle = log
+            .cf_handle(cf)
+            .expect("column families are created at open");
+        for item in log.iterator_cf(handle, IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| storage_err(&e))?;
+            deletes.delete_cf(handle, &key);
+            rows.push(LogOp::Put {
+                cf,
+                key: key.into_vec(),
+                value: value.into_vec().into(),
+            });
+        }
+    }
+    if !rows.is_empty() {
+        tracing::info!(rows = rows.len(), dir = %dir.display(), "moving the raft log out of RocksDB");
+        opened
+            .segments
+            .write(&rows, true)
+            .map_err(|e| storage_err(&e))?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        log.write_opt(deletes, &wo).map_err(|e| storage_err(&e))?;
+    }
+    Ok(opened.segments)
+}
+
 fn earlier_layout(path: &Path, what: &str) -> NodeError {
     NodeError::Storage(format!(
         "{} holds a database of an earlier Meridian layout ({what}). Stop the node, delete \
@@ -369,8 +417,11 @@ impl Engine {
         // flush must write the groups' rows and the messages' as of the same write.
         let mut state_opts = opts.clone();
         state_opts.set_atomic_flush(true);
+        let log = open_db(path, &log_opts, &LOG_DB_CFS, storage)?;
+        let segments = open_segments(path, storage, &log)?;
         let dbs = Dbs {
-            log: Arc::new(open_db(path, &log_opts, &LOG_DB_CFS, storage)?),
+            segments: Arc::new(segments),
+            log: Arc::new(log),
             state: Arc::new(open_db(
                 &path.join(STATE_DB_DIR),
                 &state_opts,
@@ -425,6 +476,9 @@ impl Engine {
 
 impl StorageEngine for Engine {
     fn get(&self, cf: &'static str, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        if segments::holds(cf) {
+            return self.dbs.segments.get(cf, key);
+        }
         self.dbs.of(cf).get_cf(self.cf(cf), key).map_err(io_err)
     }
 
@@ -444,6 +498,9 @@ impl StorageEngine for Engine {
         to: &[u8],
         skip_value: &dyn Fn(&[u8]) -> bool,
     ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if segments::holds(cf) {
+            return self.dbs.segments.scan(cf, from, to, skip_value);
+        }
         let mut out = Vec::new();
         for item in self
             .dbs
@@ -470,6 +527,9 @@ impl StorageEngine for Engine {
         from: &[u8],
         to: &[u8],
     ) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        if segments::holds(cf) {
+            return self.dbs.segments.last_in(cf, from, to);
+        }
         let mut it = self
             .dbs
             .of(cf)
@@ -488,7 +548,26 @@ impl StorageEngine for Engine {
     }
 
     fn write(&self, ops: Vec<LogOp>, sync: bool) -> io::Result<()> {
-        // The log first, as the writer does.
+        // The log first, as the writer does; its segments only through the writer, which
+        // owns the one being written.
+        let (in_segments, ops): (Vec<_>, Vec<_>) =
+            ops.into_iter().partition(|op| segments::holds(op.cf()));
+        if !in_segments.is_empty() {
+            let (tx, rx) = mpsc::channel();
+            self.submit(LogJob {
+                ops: in_segments,
+                durability: if sync {
+                    Durability::Synced
+                } else {
+                    Durability::Logged
+                },
+                done: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            });
+            rx.recv()
+                .map_err(|_| io::Error::other("log writer stopped"))??;
+        }
         let (log, state) = split_by_db(ops);
         for (db, ops) in [(&self.dbs.log, log), (&self.dbs.state, state)] {
             if !ops.is_empty() {
@@ -517,6 +596,7 @@ impl StorageEngine for Engine {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.dbs.segments.write(&[], true)?;
         for (db, cfs) in self.dbs.all() {
             flush_cfs(db, cfs).map_err(io_err)?;
         }
@@ -750,48 +830,55 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
         let is_state = |op: &LogOp| is_state_cf(op.cf());
+        let in_segments = |op: &LogOp| segments::holds(op.cf());
         // The state rows of a round go through the state database's WAL only if a logged job
         // writes some (an ordered write, e.g. an installed snapshot); then all of them do, in
-        // submission order. Everything else is the log database's, always logged.
+        // submission order. Everything else is the segments' or the log database's, always
+        // logged.
         let state_logged = jobs
             .iter()
             .any(|j| j.durability != Durability::Unlogged && j.ops.iter().any(is_state));
-        let synced = |state: bool| {
-            jobs.iter().any(|j| {
-                j.durability == Durability::Synced && j.ops.iter().any(|op| is_state(op) == state)
-            })
+        let synced = |pick: &dyn Fn(&LogOp) -> bool| {
+            jobs.iter()
+                .any(|j| j.durability == Durability::Synced && j.ops.iter().any(pick))
         };
         // A synced job without ops (an ordering barrier) needs no fsync of its own.
-        let (state_sync, log_sync) = (synced(true), synced(false));
+        let state_sync = synced(&is_state);
+        let log_db_sync = synced(&|op| !is_state(op) && !in_segments(op));
+        // The segments first, synced whenever anything in the round is: a synced state write
+        // (an installed snapshot) must find the truncation openraft queued before it durable;
+        // and state rows never reach a table file (through another group's checkpoint) ahead
+        // of the log entries they were applied from.
+        let segment_sync = synced(&in_segments) || log_db_sync || state_sync;
         let mut ops = Vec::new();
         let mut dones = Vec::with_capacity(jobs.len());
         for job in jobs {
             ops.extend(job.ops);
             dones.push(job.done);
         }
+        let (segment_ops, ops): (Vec<_>, Vec<_>) = ops.into_iter().partition(in_segments);
         let (log_ops, state_ops) = split_by_db(ops);
-        let mut result = Ok(());
         let mut syncs = 0;
         let mut sync_time = std::time::Duration::ZERO;
-        // The log first, synced whenever anything in the round is: a synced state write (an
-        // installed snapshot) must find the truncation openraft queued before it durable, as
-        // it did when both shared one WAL; and state rows never reach a table file (through
-        // another group's checkpoint) ahead of the log entries they were applied from.
-        let log_sync = log_sync || state_sync;
+        let started = Instant::now();
+        let mut result = dbs
+            .segments
+            .write(&segment_ops, segment_sync)
+            .map_err(|e| e.to_string());
+        drop(segment_ops);
+        if segment_sync {
+            syncs += 1;
+            sync_time += started.elapsed();
+        }
         for (db, ops, logged, sync) in [
-            (&dbs.log, log_ops, true, log_sync),
+            (&dbs.log, log_ops, true, log_db_sync),
             (&dbs.state, state_ops, state_logged, state_sync),
         ] {
-            if result.is_err() || (ops.is_empty() && !(sync && logged)) {
+            if result.is_err() || ops.is_empty() {
                 continue;
             }
             let started = Instant::now();
-            result = if ops.is_empty() {
-                // Nothing of its own to write, but earlier logged jobs to make durable.
-                db.flush_wal(true)
-            } else {
-                write_batch(db, ops, logged, sync)
-            };
+            result = write_batch(db, ops, logged, sync).map_err(|e| e.to_string());
             if sync {
                 syncs += 1;
                 sync_time += started.elapsed();
@@ -809,7 +896,7 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
         }
         // In submission order: a truncation's completion runs before later appends'.
         for done in dones {
-            done(result.clone().map_err(|e| io::Error::other(e.to_string())));
+            done(result.clone().map_err(io::Error::other));
         }
     }
 }
@@ -902,11 +989,11 @@ mod tests {
             // Flushes run in the background: wait for one (bounded), never for a speed.
             let tables = || {
                 e.dbs
-                    .log
+                    .state
                     .live_files()
                     .unwrap()
                     .iter()
-                    .filter(|f| f.column_family_name == CF_LOG)
+                    .filter(|f| f.column_family_name == CF_STATE_MESSAGES)
                     .count()
             };
             let deadline = Instant::now() + std::time::Duration::from_secs(30);
@@ -915,7 +1002,7 @@ mod tests {
             }
             assert!(
                 tables() > 0,
-                "2 MiB into 1 MiB memtables flushed no table file"
+                "2 MiB of rows into 1 MiB memtables flushed no table file"
             );
         }
         let e = Engine::open(dir.path(), &storage).unwrap();
@@ -942,11 +1029,10 @@ mod tests {
             .sum()
     }
 
-    /// A checkpoint flushes the state rows, not the log: log entries stay in their memtable
-    /// (and WAL), a purge deletes them there, and the log's flush then writes none of them.
-    /// The log survives a crash-like reopen through its WAL.
+    /// Log entries never reach RocksDB: a checkpoint and a flush write none of them to a table
+    /// file, a purge drops them, and the log survives a reopen through its segments.
     #[test]
-    fn a_checkpoint_leaves_the_log_in_memory_and_purged_entries_never_reach_a_table() {
+    fn the_log_never_reaches_a_table_file_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let body = vec![3u8; 1024];
         let e = Engine::open_unreserved(dir.path()).unwrap();
@@ -962,13 +1048,11 @@ mod tests {
             .unwrap();
         }
         e.checkpoint("c1").unwrap();
-        assert_eq!(table_bytes(&e.dbs.log, CF_LOG), 0, "the log was flushed");
         assert!(table_bytes(&e.dbs.state, CF_STATE_MESSAGES) > 0);
         let rows = e
             .scan_checkpoint("c1", CF_STATE_MESSAGES, &[], &[0xff; 5])
             .unwrap();
         assert_eq!(rows.len(), 2000);
-        // Purge the first 1,990 entries while they are still in the memtable, then flush.
         submit(
             &e,
             LogOp::DeleteRange {
@@ -976,17 +1060,11 @@ mod tests {
                 from: 0u32.to_be_bytes().to_vec(),
                 to: 1990u32.to_be_bytes().to_vec(),
             },
-            Durability::Synced,
+            Durability::Logged,
         )
         .recv()
         .unwrap()
         .unwrap();
-        e.flush().unwrap();
-        let written = table_bytes(&e.dbs.log, CF_LOG);
-        assert!(
-            written > 0 && written < 100 * 1024,
-            "{written} bytes of table for 10 live 1 KiB entries"
-        );
         for i in 1990..2000u32 {
             submit(
                 &e,
@@ -997,7 +1075,8 @@ mod tests {
             .unwrap()
             .unwrap();
         }
-        // The newest entries were only in the log's WAL (a close flushes nothing logged).
+        e.flush().unwrap();
+        assert_eq!(table_bytes(&e.dbs.log, CF_LOG), 0, "log entries in RocksDB");
         drop(e);
         let e = Engine::open_unreserved(dir.path()).unwrap();
         assert_eq!(e.get(CF_LOG, &5u32.to_be_bytes()).unwrap(), None);
@@ -1005,6 +1084,48 @@ mod tests {
             e.get(CF_LOG, &1995u32.to_be_bytes()).unwrap().as_deref(),
             Some(&b"new"[..])
         );
+        assert_eq!(e.scan(CF_LOG, &[], &[0xff; 5]).unwrap().len(), 10);
+    }
+
+    /// A node whose log was in RocksDB's column families (before the segments) finds it in
+    /// the segments after its first start, and RocksDB no longer holds it.
+    #[test]
+    fn a_log_kept_in_rocksdb_moves_into_the_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Engine::open_unreserved(dir.path()).unwrap());
+        std::fs::remove_dir_all(dir.path().join(SEGMENTS_DIR)).unwrap();
+        {
+            let opts = Options::default();
+            let db = DB::open_cf(&opts, dir.path(), LOG_DB_CFS).unwrap();
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            let mut batch = WriteBatch::default();
+            for i in 0..100u32 {
+                batch.put_cf(
+                    db.cf_handle(CF_LOG).unwrap(),
+                    i.to_be_bytes(),
+                    [i as u8; 64],
+                );
+            }
+            batch.put_cf(db.cf_handle(CF_META).unwrap(), b"vote", b"v1");
+            db.write_opt(batch, &wo).unwrap();
+        }
+        for _ in 0..2 {
+            let e = Engine::open_unreserved(dir.path()).unwrap();
+            assert_eq!(
+                e.get(CF_META, b"vote").unwrap().as_deref(),
+                Some(&b"v1"[..])
+            );
+            let log = e.scan(CF_LOG, &[], &[0xff; 5]).unwrap();
+            assert_eq!(log.len(), 100);
+            assert_eq!(log[42], (42u32.to_be_bytes().to_vec(), vec![42u8; 64]));
+            let left = e
+                .dbs
+                .log
+                .iterator_cf(e.dbs.log.cf_handle(CF_LOG).unwrap(), IteratorMode::Start)
+                .count();
+            assert_eq!(left, 0, "rows left in RocksDB");
+        }
     }
 
     /// Overlapping state tables pile up in level 0 rather than being compacted every 4
@@ -1051,8 +1172,8 @@ mod tests {
         );
     }
 
-    /// A synced write of state rows alone (an installed snapshot) also syncs the log's WAL,
-    /// so a truncation queued before it (logged, riding the next sync) is durable with it.
+    /// A synced write of state rows alone (an installed snapshot) also syncs the log's
+    /// segment, so a truncation queued before it (logged, riding the next sync) is durable with it.
     #[test]
     fn a_synced_state_write_makes_earlier_logged_log_jobs_durable() {
         let dir = tempfile::tempdir().unwrap();
@@ -1072,7 +1193,7 @@ mod tests {
             .recv()
             .unwrap()
             .unwrap();
-        assert_eq!(syncs(), 2, "the log's WAL and the state's");
+        assert_eq!(syncs(), 2, "the log's segment and the state's WAL");
     }
 
     /// A directory of the one-database layout is refused with a message that says what to do,

@@ -6,7 +6,8 @@
 //!
 //! Written entries stay in memory a while (`recent`, bounded by bytes): right after an append,
 //! openraft reads the same entries again to replicate them and to apply them once committed,
-//! and serving those from RocksDB (seek, copy, decode) cost a leader ~5 % of its CPU.
+//! and serving those from storage (RocksDB then: seek, copy, decode) cost a leader ~5 % of its
+//! CPU.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -28,7 +29,7 @@ const KEY_PURGED: &[u8] = b"purged";
 /// Most bytes (encoded) of written entries kept in memory for readers.
 const RECENT_BYTES: usize = 32 << 20;
 
-/// The part of the log not yet in RocksDB, and a copy of its newest written entries.
+/// The part of the log not yet written, and a copy of its newest written entries.
 #[derive(Default)]
 struct Pending {
     /// Appended entries the writer has not written yet.

@@ -1,9 +1,10 @@
-//! Two RocksDB instances per node (the logs, and the state rows), shared by every Raft group
-//! (key prefix per group), with a group-commit syncer so that all groups' appends share WAL
-//! fsyncs.
+//! A node's storage, shared by every Raft group (key prefix per group): the Raft logs in
+//! segment files of our own, the state rows and snapshot records in two RocksDB instances, and
+//! a group-commit writer so that all groups' appends share one sync.
 
 mod engine;
 mod log_store;
+mod segments;
 
 pub use engine::{
     free_bytes, is_state_cf, Durability, Engine, LogJob, LogOp, StorageEngine, StorageMetrics,
