@@ -64,23 +64,17 @@ async fn lossy_network() {
     nemesis(Nemesis::LossyNetwork).await;
 }
 
-/// A flipped byte in a follower's RocksDB WAL: the node refuses to start (checksums) instead of
-/// silently forgetting acknowledged entries and its vote; once its data is wiped it resyncs from
-/// the others, and nothing acknowledged is lost or diverges.
+/// A flipped byte in the middle of a follower's Raft log segment: the node refuses to start
+/// (checksums) instead of silently forgetting acknowledged entries and its vote; once its data
+/// is wiped it resyncs from the others, and nothing acknowledged is lost or diverges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupted_wal_stops_the_node_which_then_resyncs() {
-    corrupted_file_stops_the_node_which_then_resyncs(Damaged::Wal).await;
+async fn corrupted_log_segment_stops_the_node_which_then_resyncs() {
+    corrupted_file_stops_the_node_which_then_resyncs(Damaged::LogSegment).await;
 }
 
-/// The same for a table (SST) file, written by the flush of a clean shutdown: the start-up
-/// checksum scan finds the damage before any of it is read as log or state.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupted_table_file_stops_the_node_which_then_resyncs() {
-    corrupted_file_stops_the_node_which_then_resyncs(Damaged::Table).await;
-}
-
-/// The same for a table file of the state database (`db/state`), which holds the queues'
-/// rows apart from the log.
+/// The same for a table (SST) file of the state database (`db/state`), which holds the
+/// queues' rows, written by the flush of a clean shutdown: the start-up checksum scan finds
+/// the damage before any of it is read as state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_state_table_stops_the_node_which_then_resyncs() {
     corrupted_file_stops_the_node_which_then_resyncs(Damaged::StateTable).await;
@@ -88,8 +82,7 @@ async fn corrupted_state_table_stops_the_node_which_then_resyncs() {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Damaged {
-    Wal,
-    Table,
+    LogSegment,
     StateTable,
 }
 
@@ -124,7 +117,7 @@ async fn corrupted_file_stops_the_node_which_then_resyncs(damaged: Damaged) {
     let group = group_of(&QueueKey::new("0", "ledger"), 2);
     let leader = region.leader_of(group).await;
     let victim = (1..=3).find(|&id| id != leader).unwrap();
-    if damaged != Damaged::Wal {
+    if damaged != Damaged::LogSegment {
         // A clean stop flushes memtables into table files. It must not wait on the append
         // streams the leaders hold open to it.
         region.stop(victim, Duration::from_secs(30));
@@ -137,24 +130,21 @@ async fn corrupted_file_stops_the_node_which_then_resyncs(damaged: Damaged) {
         .unwrap()
         .to_path_buf();
     let (db, ext) = match damaged {
-        Damaged::Wal => (node_dir.join("data/db"), "log"),
-        Damaged::Table => (node_dir.join("data/db"), "sst"),
+        Damaged::LogSegment => (node_dir.join("data/db/raftlog"), "log"),
         Damaged::StateTable => (node_dir.join("data/db/state"), "sst"),
     };
+    // Segments are preallocated: what was written ends at their last byte that is not zero.
+    let written = |bytes: &[u8]| bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     let file = std::fs::read_dir(&db)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == ext))
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .max_by_key(|p| written(&std::fs::read(p).unwrap()))
         .unwrap_or_else(|| panic!("no .{ext} file in {}", db.display()));
     let mut bytes = std::fs::read(&file).unwrap();
-    assert!(
-        bytes.len() > 1000,
-        "{} too small to corrupt: {}",
-        file.display(),
-        bytes.len()
-    );
-    let mid = bytes.len() / 2;
+    let len = written(&bytes);
+    assert!(len > 1000, "{} too small to corrupt: {len}", file.display());
+    let mid = len / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&file, bytes).unwrap();
 
@@ -172,7 +162,11 @@ async fn corrupted_file_stops_the_node_which_then_resyncs(damaged: Damaged) {
     assert!(!exit.success());
     region.nodes[victim as usize - 1].child = None;
     let log = std::fs::read_to_string(node_dir.join("node.log")).unwrap();
-    assert!(log.contains("Corruption"), "no corruption reported:\n{log}");
+    let reported = match damaged {
+        Damaged::LogSegment => "is damaged",
+        Damaged::StateTable => "Corruption",
+    };
+    assert!(log.contains(reported), "no damage reported:\n{log}");
 
     // The other two kept serving meanwhile.
     let mut c = region.client(leader).await;
