@@ -39,7 +39,7 @@ pub fn render(node: &RegionNode) -> String {
         &mut out,
         "meridian_wal_syncs_total",
         "counter",
-        "Log write batches made durable with one WAL fsync.",
+        "Syncs by the log writer: of the Raft log segment, once per round that needs one (and of the state database's WAL for an installed snapshot).",
         &one(load(&m.wal_syncs)),
     );
     family(
@@ -67,7 +67,7 @@ pub fn render(node: &RegionNode) -> String {
         &mut out,
         "meridian_wal_sync_seconds_total",
         "counter",
-        "Time spent in WAL fsync.",
+        "Time spent syncing the log (and, rarely, the state database's WAL).",
         &one(load(&m.sync_micros) / 1e6),
     );
     family(

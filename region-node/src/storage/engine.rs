@@ -109,7 +109,7 @@ pub struct LogJob {
 /// Durability watermarks of the log writer, exported as metrics.
 #[derive(Debug, Default)]
 pub struct StorageMetrics {
-    /// WAL fsyncs (of either database; nearly all are the log's).
+    /// Syncs of the Raft log segment (and of the state database's WAL, for installs).
     pub wal_syncs: AtomicU64,
     /// Jobs (appends, truncations, purges) completed by those batches.
     pub synced_appends: AtomicU64,
