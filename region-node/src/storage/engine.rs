@@ -331,20 +331,20 @@ fn open_db(
     Ok(db)
 }
 
-/// Opens the Raft log segments beside `log`. The first time, a log an earlier node kept in
-/// `log`'s column families moves into them: written and synced there, then deleted from
-/// RocksDB (a crash in between imports the same rows again at the next start).
+/// Opens the Raft log segments beside `log`. A log an earlier node kept in `log`'s column
+/// families moves into them: written and synced there, then deleted from RocksDB. Whenever
+/// rows are still there, they are imported (again, after a crash in between: nothing else is
+/// written to the segments before).
 fn open_segments(path: &Path, storage: &StorageConfig, log: &DB) -> Result<Segments, NodeError> {
     let dir = path.join(SEGMENTS_DIR);
     let storage_err = |e: &dyn std::fmt::Display| {
         NodeError::Storage(format!("raft log at {}: {e}", dir.display()))
     };
-    let opened =
+    let segments =
         Segments::open(&dir, storage.log_segment_mib << 20).map_err(|e| storage_err(&e))?;
-    if !opened.fresh {
-        return Ok(opened.segments);
-    }
     let mut rows = Vec::new();
+    let mut bytes = 0;
+    let mut moved = 0usize;
     let mut deletes = WriteBatch::default();
     for cf in [CF_META, CF_LOG] {
         let handle = log
@@ -353,24 +353,30 @@ fn open_segments(path: &Path, storage: &StorageConfig, log: &DB) -> Result<Segme
         for item in log.iterator_cf(handle, IteratorMode::Start) {
             let (key, value) = item.map_err(|e| storage_err(&e))?;
             deletes.delete_cf(handle, &key);
+            bytes += key.len() + value.len();
             rows.push(LogOp::Put {
                 cf,
                 key: key.into_vec(),
                 value: value.into_vec().into(),
             });
+            // Frames of a few MiB, not one of the whole log.
+            if bytes >= 4 << 20 {
+                moved += rows.len();
+                segments.write(&rows, false).map_err(|e| storage_err(&e))?;
+                rows.clear();
+                bytes = 0;
+            }
         }
     }
-    if !rows.is_empty() {
-        tracing::info!(rows = rows.len(), dir = %dir.display(), "moving the raft log out of RocksDB");
-        opened
-            .segments
-            .write(&rows, true)
-            .map_err(|e| storage_err(&e))?;
+    moved += rows.len();
+    if moved > 0 {
+        tracing::info!(rows = moved, dir = %dir.display(), "moved the raft log out of RocksDB");
+        segments.write(&rows, true).map_err(|e| storage_err(&e))?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         log.write_opt(deletes, &wo).map_err(|e| storage_err(&e))?;
     }
-    Ok(opened.segments)
+    Ok(segments)
 }
 
 fn earlier_layout(path: &Path, what: &str) -> NodeError {
@@ -468,6 +474,7 @@ impl Engine {
     pub fn open_unreserved(path: &Path) -> Result<Self, NodeError> {
         let storage = StorageConfig {
             min_free_mib: 0,
+            log_segment_mib: 1,
             ..StorageConfig::default()
         };
         Self::open(path, &storage)
@@ -1088,7 +1095,7 @@ mod tests {
     }
 
     /// A node whose log was in RocksDB's column families (before the segments) finds it in
-    /// the segments after its first start, and RocksDB no longer holds it.
+    /// the segments after its first start, even one cut short, and RocksDB no longer holds it.
     #[test]
     fn a_log_kept_in_rocksdb_moves_into_the_segments() {
         let dir = tempfile::tempdir().unwrap();
@@ -1110,6 +1117,9 @@ mod tests {
             batch.put_cf(db.cf_handle(CF_META).unwrap(), b"vote", b"v1");
             db.write_opt(batch, &wo).unwrap();
         }
+        // A start that made its first segment and stopped before the import: the rows are
+        // still imported at the next.
+        drop(Segments::open(&dir.path().join(SEGMENTS_DIR), 1 << 20).unwrap());
         for _ in 0..2 {
             let e = Engine::open_unreserved(dir.path()).unwrap();
             assert_eq!(
