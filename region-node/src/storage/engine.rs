@@ -870,7 +870,7 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
         let started = Instant::now();
         let mut result = dbs
             .segments
-            .write(&segment_ops, segment_sync)
+            .write_round(&segment_ops, segment_sync)
             .map_err(|e| e.to_string());
         drop(segment_ops);
         if segment_sync {
@@ -904,6 +904,12 @@ fn run_writer(dbs: Dbs, rx: mpsc::Receiver<LogJob>, m: Arc<StorageMetrics>, spac
         // In submission order: a truncation's completion runs before later appends'.
         for done in dones {
             done(result.clone().map_err(io::Error::other));
+        }
+        if segment_sync && result.is_ok() {
+            if let Err(e) = dbs.segments.tidy() {
+                // Sticky: the next round fails, and with it the node's Raft groups.
+                tracing::error!(error = %e, "letting go of emptied raft log segments failed");
+            }
         }
     }
 }

@@ -334,11 +334,11 @@ pub struct Segments {
 impl Segments {
     /// Replays the segments in `dir` (created if missing), then starts a new segment.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
-        if !dir.exists() {
-            fs::create_dir_all(dir)?;
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
+        fs::create_dir_all(dir)?;
+        // Every time: a start that made it and died before this sync would otherwise leave
+        // its entry unsynced for good.
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
         }
         let mut found = BTreeMap::new();
         let mut free = Vec::new();
@@ -404,6 +404,9 @@ impl Segments {
                 }
             } else if !sealed {
                 check_tail(path, &data, at, seq)?;
+                // The frames below `at` may still be only in the page cache (the last process
+                // stopped without a sync): synced before the seal says so.
+                file.sync_data()?;
                 active = Some((seq, Some(file), at as u64, data.len() as u64));
             }
         }
@@ -434,9 +437,18 @@ impl Segments {
         Ok(segments)
     }
 
+    /// [`write_round`](Self::write_round), then, if synced, [`tidy`](Self::tidy).
+    pub fn write(&self, ops: &[LogOp], sync: bool) -> io::Result<()> {
+        self.write_round(ops, sync)?;
+        if sync {
+            self.tidy()?;
+        }
+        Ok(())
+    }
+
     /// Writes `ops` (of [`holds`] column families) as one frame; with `sync`, durable on
     /// return, and so is everything written before.
-    pub fn write(&self, ops: &[LogOp], sync: bool) -> io::Result<()> {
+    pub fn write_round(&self, ops: &[LogOp], sync: bool) -> io::Result<()> {
         let mut a = self.active.lock().expect("segment writer lock");
         if let Some(e) = &a.failed {
             return Err(io::Error::other(e.clone()));
@@ -448,10 +460,20 @@ impl Segments {
         if sync {
             let result = self.sync(&mut a);
             fail_on(&mut a, result)?;
-            let result = self.collect(&mut a);
-            fail_on(&mut a, result)?;
         }
         Ok(())
+    }
+
+    /// Lets go of segments whose entries are all gone (see `collect`), when everything
+    /// written is synced, so that the records which removed those entries are durable. The
+    /// writer calls it after a round's completions, not before them.
+    pub fn tidy(&self) -> io::Result<()> {
+        let mut a = self.active.lock().expect("segment writer lock");
+        if a.failed.is_some() || a.synced != a.off {
+            return Ok(());
+        }
+        let result = self.collect(&mut a);
+        fail_on(&mut a, result)
     }
 
     fn sync(&self, a: &mut Active) -> io::Result<()> {
@@ -467,6 +489,10 @@ impl Segments {
         buf.clear();
         buf.resize(HEADER, 0);
         encode_ops(&mut buf, ops);
+        if u32::try_from(buf.len() - HEADER).is_err() {
+            a.buf = buf;
+            return Err(io::Error::other("a raft log frame of more than 4 GiB"));
+        }
         if a.off + (buf.len() + SEAL_FRAME) as u64 > a.size {
             self.rotate(a, buf.len())?;
         }
@@ -583,9 +609,14 @@ impl Segments {
                     return Ok(());
                 }
                 if s.live > 0 {
-                    let sparse = s.live_bytes.saturating_mul(4) < self.segment_bytes
-                        && index.segments.len() > 2;
-                    if !sparse {
+                    // Moved when it is sparse, or when the segments hold more than twice as
+                    // much dead as live: a group gone idle below its snapshot threshold keeps
+                    // all its entries, densely or not, and would pin every later segment.
+                    let live: u64 = index.segments.values().map(|s| s.live_bytes).sum();
+                    let needed = 2 + 3 * live.div_ceil(self.segment_bytes.max(1));
+                    let sparse = s.live_bytes.saturating_mul(4) < self.segment_bytes;
+                    let n = index.segments.len() as u64;
+                    if n <= 2 || !(sparse || n > needed) {
                         return Ok(());
                     }
                     let moved: Vec<_> = index
@@ -964,40 +995,44 @@ mod tests {
     }
 
     /// A group that stops writing keeps its last entries, but they do not pin the segments
-    /// after theirs: a sparse oldest segment's entries move to the end, and it goes.
+    /// after theirs, whether they fill their segment sparsely or densely: the oldest segment's
+    /// entries move to the end, and it goes.
     #[test]
     fn an_idle_groups_entries_do_not_pin_the_segments_after_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path(), 4096).unwrap();
-        let idle: Vec<_> = (0..3u8).map(|i| vec![b'a', i]).collect();
-        for k in &idle {
-            s.write(&[put(CF_LOG, k, &[1; 100])], true).unwrap();
-        }
-        for i in 0..2000u32 {
-            let key = [&b"b"[..], &i.to_be_bytes()].concat();
-            s.write(&[put(CF_LOG, &key, &[2; 200])], true).unwrap();
-            if i % 10 == 9 {
-                let to = [&b"b"[..], &(i - 5).to_be_bytes()].concat();
-                let purge = LogOp::DeleteRange {
-                    cf: CF_LOG,
-                    from: b"b".to_vec(),
-                    to,
-                };
-                s.write(&[purge], true).unwrap();
+        for idle_bytes in [100, 1000] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = open(dir.path(), 4096).unwrap();
+            let idle: Vec<_> = (0..3u8).map(|i| vec![b'a', i]).collect();
+            for k in &idle {
+                s.write(&[put(CF_LOG, k, &vec![1; idle_bytes])], true)
+                    .unwrap();
             }
+            for i in 0..2000u32 {
+                let key = [&b"b"[..], &i.to_be_bytes()].concat();
+                s.write(&[put(CF_LOG, &key, &[2; 200])], true).unwrap();
+                if i % 10 == 9 {
+                    let to = [&b"b"[..], &(i - 5).to_be_bytes()].concat();
+                    let purge = LogOp::DeleteRange {
+                        cf: CF_LOG,
+                        from: b"b".to_vec(),
+                        to,
+                    };
+                    s.write(&[purge], true).unwrap();
+                }
+            }
+            assert!(
+                segs(dir.path()).len() < 12,
+                "{} segments for a few KiB of live entries ({idle_bytes} B idle ones)",
+                segs(dir.path()).len()
+            );
+            drop(s);
+            let s = open(dir.path(), 4096).unwrap();
+            for k in &idle {
+                assert_eq!(s.get(CF_LOG, k).unwrap(), Some(vec![1; idle_bytes]));
+            }
+            // The last purge kept b1994 to b1999.
+            assert_eq!(everything(&s, CF_LOG).len(), 3 + 6);
         }
-        assert!(
-            segs(dir.path()).len() < 12,
-            "{} segments for about 25 KiB of live entries",
-            segs(dir.path()).len()
-        );
-        drop(s);
-        let s = open(dir.path(), 4096).unwrap();
-        for k in &idle {
-            assert_eq!(s.get(CF_LOG, k).unwrap(), Some(vec![1; 100]));
-        }
-        // The last purge kept b1994 to b1999.
-        assert_eq!(everything(&s, CF_LOG).len(), 3 + 6);
     }
 
     /// Frames written after the last sync may reach the disk in any order: a hole among them
