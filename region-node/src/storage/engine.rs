@@ -75,6 +75,16 @@ pub enum LogOp {
 }
 
 impl LogOp {
+    /// A put of copies of `key` and `value` (tests).
+    #[cfg(test)]
+    pub fn put(cf: &'static str, key: &[u8], value: &[u8]) -> Self {
+        LogOp::Put {
+            cf,
+            key: key.to_vec(),
+            value: Bytes::copy_from_slice(value),
+        }
+    }
+
     pub fn cf(&self) -> &'static str {
         match self {
             LogOp::Put { cf, .. } | LogOp::Delete { cf, .. } | LogOp::DeleteRange { cf, .. } => cf,
@@ -919,11 +929,7 @@ mod tests {
     use super::*;
 
     fn put(cf: &'static str, key: &[u8], value: &[u8]) -> LogOp {
-        LogOp::Put {
-            cf,
-            key: key.to_vec(),
-            value: Bytes::copy_from_slice(value),
-        }
+        LogOp::put(cf, key, value)
     }
 
     fn submit(e: &Engine, op: LogOp, durability: Durability) -> mpsc::Receiver<io::Result<()>> {

@@ -784,11 +784,7 @@ mod tests {
     use super::*;
 
     fn put(cf: &'static str, key: &[u8], value: &[u8]) -> LogOp {
-        LogOp::Put {
-            cf,
-            key: key.to_vec(),
-            value: value.to_vec().into(),
-        }
+        LogOp::put(cf, key, value)
     }
 
     fn open(dir: &Path, bytes: u64) -> io::Result<Segments> {
@@ -915,15 +911,7 @@ mod tests {
             s.write(&[put(CF_LOG, &[i], &[i; 100])], true).unwrap();
         }
         drop(s);
-        let seg = |n: usize| {
-            let mut segs: Vec<_> = fs::read_dir(dir.path())
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .filter(|p| p.to_str().unwrap().contains("seg-"))
-                .collect();
-            segs.sort();
-            segs[n].clone()
-        };
+        let seg = |n: usize| segs(dir.path())[n].clone();
         // The first segment holds the three frames (after its CF_META frame): tear the last.
         let path = seg(0);
         let meta_frame = HEADER;
@@ -953,7 +941,7 @@ mod tests {
         s.write(&[put(CF_LOG, &[10], b"x")], true).unwrap();
         s.write(&[put(CF_LOG, &[11], b"y")], true).unwrap();
         drop(s);
-        let last = seg(files(dir.path(), "seg-") - 1);
+        let last = segs(dir.path()).pop().unwrap();
         let f = open_rw(&last).unwrap();
         f.write_all_at(&[0xee; 4], (HEADER + 5) as u64).unwrap();
         drop(f);
@@ -970,13 +958,7 @@ mod tests {
         drop(s);
         // Reopened, so the segment written above is sealed and no longer the last.
         drop(open(dir.path(), 1 << 20).unwrap());
-        let mut segs: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.to_str().unwrap().contains("seg-"))
-            .collect();
-        segs.sort();
-        let f = open_rw(&segs[0]).unwrap();
+        let f = open_rw(&segs(dir.path())[0]).unwrap();
         f.write_all_at(&[0xee; 4], (2 * HEADER + 30) as u64)
             .unwrap();
         drop(f);
