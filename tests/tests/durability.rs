@@ -328,6 +328,10 @@ async fn appends_to_followers_are_pipelined() {
         let mut c = region.client(leader).await;
         let history = history.clone();
         tasks.push(tokio::spawn(async move {
+            // Staggered starts: writers that all start at once can all land in the first
+            // batch and then wait for it together, leaving nothing to send while it is in
+            // flight (a clean-clone run saw exactly that).
+            tokio::time::sleep(std::time::Duration::from_millis(10 * w)).await;
             for i in 0..10 {
                 let body = format!("entry-{w}-{i}");
                 let id = send(&mut c, "ledger", &body).await.unwrap();
